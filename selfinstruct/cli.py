@@ -1,0 +1,133 @@
+"""The `selfinstruct` command: parse flags and TOML into a config model, call the library, map errors to exit 2.
+
+Each subcommand is one registry entry naming its config model and run function. Only the chosen subcommand's
+module is imported, so `selfinstruct --help` stays fast and never imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from selfinstruct import __version__
+from selfinstruct.config import SHARED_TABLES, check_tables, config_to_toml, load_toml, resolve
+from selfinstruct.errors import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    target: str  # "module:ConfigModel:run_function"; run_function(cfg) -> int | None
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": Command(
+        "Grow an instruction corpus from seed tasks with a teacher LLM (Self-Instruct or Alpaca pipeline).",
+        "selfinstruct.generate:GenerateConfig:run_generate",
+    ),
+    "filter": Command(
+        "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
+        "selfinstruct.filters.command:FilterCommandConfig:run_filter",
+    ),
+    "export": Command(
+        "Write a run's corpus as Alpaca, chat messages, ShareGPT or Parquet, with a dataset card.",
+        "selfinstruct.export:ExportConfig:run_export",
+    ),
+    "train": Command(
+        "Fine-tune a model on a corpus with TRL's SFTTrainer (full, LoRA, QLoRA).",
+        "selfinstruct.train:TrainConfig:run_train",
+    ),
+    "evaluate": Command(
+        "Score a tuned model against its base on held-out tasks (ROUGE-L, exact match, log-loss).",
+        "selfinstruct.evaluate:EvaluateConfig:run_evaluate",
+    ),
+    "stats": Command(
+        "Corpus statistics with plots and a self-contained HTML report.",
+        "selfinstruct.report:StatsConfig:run_stats",
+    ),
+}
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _load(name: str):
+    """Import a command's config model and run function; a missing module means 'not implemented yet'."""
+    module_name, model_name, func_name = COMMANDS[name].target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise UserError(f"'{name}' is not implemented yet") from None
+        raise
+    return getattr(module, model_name), getattr(module, func_name)
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfinstruct",
+        description="Instruction tuning from seed tasks: generate, filter, export, train, evaluate, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"selfinstruct {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if name == chosen:
+            from selfinstruct.config import add_arguments
+
+            p.add_argument("--config", metavar="TOML", help="read settings from this TOML file (flags win)")
+            p.add_argument(
+                "--print-config", action="store_true", help="print the resolved config as TOML and exit"
+            )
+            add_arguments(p, _load(name)[0])
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = _chosen_command(argv)
+    parser = build_parser(chosen)
+    args = vars(parser.parse_args(argv))
+    name = args.pop("command", None)
+    if name is None:
+        parser.print_help()
+        return 2
+    model, func = _load(name)
+    toml_path = args.pop("config", None)
+    print_config = args.pop("print_config", False)
+    toml_data = None
+    if toml_path:
+        toml_data = load_toml(toml_path)
+        check_tables(toml_data, set(COMMANDS) | set(SHARED_TABLES), toml_path)
+    cfg = resolve(name, model, args, toml_data, toml_path or "config")
+    if print_config:
+        print(config_to_toml(name, cfg), end="")
+        return 0
+    return int(func(cfg) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

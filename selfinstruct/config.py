@@ -1,0 +1,267 @@
+"""Typed configuration that maps 1:1 onto CLI flags and TOML tables.
+
+Every subcommand has one pydantic model (a `Section`). Its fields become `--field-name` flags and keys of the
+TOML table named after the command (`[generate]`, `[train]`, …). A field whose type is itself a `Section`
+(e.g. `teacher: TeacherConfig`) is read from its own top-level table (`[teacher]`) and its flags are flattened
+without a prefix (`--model`, `--base-url`), so one `run.toml` can configure every command.
+
+Precedence: model defaults < TOML file < flags. Any unknown key or bad value is a `UserError` naming the key
+(and the flag or file it came from). Saved configs never hold secrets: keys that look secret are redacted and
+passwords in URLs are masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from selfinstruct.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+SHARED_TABLES = ("teacher", "filters")
+"""TOML tables of sections that several commands nest (e.g. `generate` and `evaluate` both use `[teacher]`)."""
+
+
+class Section(BaseModel):
+    """Base of every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- field introspection
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _is_section(annotation: Any) -> bool:
+    a = _unwrap_optional(annotation)
+    return isinstance(a, type) and issubclass(a, Section)
+
+
+def _extra(field: Any) -> dict[str, Any]:
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def iter_flags(model: type[Section], prefix: tuple[str, ...] = ()):
+    """Yield (path, flag, field) for every leaf field, flattening nested sections without a prefix."""
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            yield from iter_flags(_unwrap_optional(field.annotation), (*prefix, name))
+        else:
+            flag = _extra(field).get("flag", "--" + name.replace("_", "-"))
+            yield (*prefix, name), flag, field
+
+
+# ---------------------------------------------------------------- argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser, model: type[Section]) -> None:
+    """Add one flag (or positional) per field. Values stay strings; pydantic converts and validates them."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for path, flag, field in iter_flags(model):
+        if flag in seen:
+            raise RuntimeError(f"flag {flag} is used by both {seen[flag]} and {path}")  # a bug in our models
+        seen[flag] = path
+        dest = ".".join(path)
+        annotation = _unwrap_optional(field.annotation)
+        help_text = field.description or ""
+        if get_origin(annotation) is Literal:
+            help_text += " {" + ",".join(map(str, get_args(annotation))) + "}"
+        if not field.is_required() and field.default not in (None, "", [], {}):
+            help_text += f" (default: {field.default})"
+        help_text = help_text.replace("%", "%%")
+        if _extra(field).get("positional"):
+            parser.add_argument(
+                dest, nargs="?", default=argparse.SUPPRESS, help=help_text, metavar=path[-1].upper()
+            )
+        elif annotation is bool:
+            parser.add_argument(
+                flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        elif get_origin(annotation) is list:
+            parser.add_argument(
+                flag,
+                dest=dest,
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="A,B",
+                help=help_text + " (comma-separated or repeated)",
+            )
+        else:
+            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
+
+
+def _flag_values(model: type[Section], namespace: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple, str]]:
+    """Turn parsed flags into a nested dict; also return which flag each path came from."""
+    values: dict[str, Any] = {}
+    origin: dict[tuple, str] = {}
+    for path, flag, field in iter_flags(model):
+        dest = ".".join(path)
+        if dest not in namespace:
+            continue
+        raw = namespace[dest]
+        annotation = _unwrap_optional(field.annotation)
+        if get_origin(annotation) is list:
+            raw = [item.strip() for chunk in raw for item in chunk.split(",") if item.strip()]
+        elif get_origin(annotation) is dict or annotation is dict:
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{flag}: not valid JSON ({e.msg})") from None
+        elif isinstance(raw, str) and raw.lower() in ("none", "null") and field.default is None:
+            raw = None
+        node = values
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = raw
+        origin[path] = flag if not _extra(field).get("positional") else path[-1].upper()
+    return values, origin
+
+
+# ---------------------------------------------------------------- TOML
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read config file ({e})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p}: invalid TOML: {e}") from None
+
+
+def _toml_values(command: str, model: type[Section], data: dict[str, Any]) -> dict[str, Any]:
+    """Pick the command's table and the tables of its nested sections out of a parsed TOML document."""
+    nested = {name for name, f in model.model_fields.items() if _is_section(f.annotation)}
+    values = dict(data.get(command, {}))
+    for name in nested:
+        if name in data:
+            merged = dict(data[name])
+            merged.update(values.get(name, {}))  # [generate.teacher] wins over [teacher]
+            values[name] = merged
+    return values
+
+
+def check_tables(data: dict[str, Any], known: set[str], source: str) -> None:
+    for key, value in data.items():
+        if key not in known:
+            raise UserError(
+                f"{source}: unknown table or key '{key}' (known tables: {', '.join(sorted(known))})"
+            )
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: '{key}' must be a table ([{key}])")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def resolve(
+    command: str,
+    model: type[Section],
+    namespace: dict[str, Any],
+    toml_data: dict[str, Any] | None = None,
+    toml_source: str = "config",
+) -> Section:
+    """Defaults < TOML < flags, validated; errors name the key and where it came from."""
+    from_toml = _toml_values(command, model, toml_data or {})
+    from_flags, flag_origin = _flag_values(model, namespace)
+    merged = _deep_merge(from_toml, from_flags)
+    try:
+        return model.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err["loc"])
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            table = command if len(loc) == 1 else loc[0]
+            raise UserError(f"{toml_source}: unknown key '{loc[-1]}' in [{table}]") from None
+        where = flag_origin.get(tuple(err["loc"][: len(loc)]))
+        if where is None:
+            top_nested = loc[0] if len(loc) > 1 and loc[0] in model.model_fields else None
+            where = (
+                f"{toml_source} [{top_nested or command}]"
+                if (toml_data and _has(from_toml, loc))
+                else "default"
+            )
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        raise UserError(f"invalid setting {key} from {where}: {err['msg']}{got_text}") from None
+
+
+def _has(d: dict[str, Any], loc: tuple[str, ...]) -> bool:
+    node: Any = d
+    for k in loc:
+        if not isinstance(node, dict) or k not in node:
+            return False
+        node = node[k]
+    return True
+
+
+# ---------------------------------------------------------------- save (secrets redacted)
+
+_SECRET_KEY = re.compile(r"(api_?key|token|secret|password)$", re.I)
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+):[^/@\s]+@")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Mask anything that looks like a secret; env-var *names* (keys ending in `_env`) are kept."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if _SECRET_KEY.search(key) and value:
+            return "***"
+        return _URL_PASSWORD.sub(r"\1:***@", value)
+    return value
+
+
+def config_to_toml(command: str, cfg: Section) -> str:
+    """Serialize in the same layout `--config` reads back (command table + one table per nested section)."""
+    import tomli_w
+
+    data = redact(cfg.model_dump(mode="json", exclude_none=True))
+    nested = {k: data.pop(k) for k in list(data) if _is_section(type(cfg).model_fields[k].annotation)}
+    return tomli_w.dumps({command: data, **nested})
+
+
+def save_config(command: str, cfg: Section, path: str | Path) -> None:
+    from selfinstruct.store import atomic_write_text
+
+    atomic_write_text(Path(path), config_to_toml(command, cfg))

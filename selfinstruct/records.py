@@ -1,0 +1,101 @@
+"""The data that flows between stages.
+
+Plain dataclasses with `to_dict`/`from_dict`: every stage reads and writes JSON lines, and a record read back
+must equal the record written. Fields the reference formats do not have live under `meta`, so a corpus stays
+loadable by tools that only know `instruction`/`input`/`output`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Instance:
+    """One input/output pair of a task; `input` is "" when the task needs none."""
+
+    input: str = ""
+    output: str = ""
+
+
+@dataclass
+class SeedTask:
+    """A human-written task in the self-instruct seed format (plus an optional `category`)."""
+
+    id: str
+    name: str
+    instruction: str
+    instances: list[Instance]
+    is_classification: bool = False
+    category: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.category is None:
+            d.pop("category")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SeedTask:
+        return cls(
+            id=d["id"],
+            name=d["name"],
+            instruction=d["instruction"],
+            instances=[Instance(**i) for i in d["instances"]],
+            is_classification=d.get("is_classification", False),
+            category=d.get("category"),
+        )
+
+
+@dataclass
+class InstructionRecord:
+    """A machine-generated instruction kept by the filters, with its provenance.
+
+    `most_similar` maps the nearest pool instructions to their ROUGE-L F (the reference keeps 10) and
+    `avg_similarity` is the mean F over the whole pool at the time it was kept (None when not computed).
+    """
+
+    id: str
+    instruction: str
+    round: int = 0
+    origin: str = "machine"
+    is_classification: bool | None = None
+    instances: list[Instance] = field(default_factory=list)
+    most_similar: dict[str, float] = field(default_factory=dict)
+    avg_similarity: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InstructionRecord:
+        d = dict(d)
+        d["instances"] = [Instance(**i) for i in d.get("instances", [])]
+        return cls(**d)
+
+
+@dataclass
+class CorpusRecord:
+    """One training example in Alpaca shape; anything else goes under `meta`."""
+
+    instruction: str
+    input: str = ""
+    output: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.meta:
+            d.pop("meta")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CorpusRecord:
+        return cls(
+            instruction=d["instruction"],
+            input=d.get("input", "") or "",
+            output=d.get("output", "") or "",
+            meta=dict(d.get("meta") or {}),
+        )

@@ -1,0 +1,113 @@
+"""The one interface every teacher backend implements.
+
+Pipelines build `TeacherRequest`s (chat messages or a raw prompt, plus `Sampling`) and get back
+`TeacherResponse`s with the completions, finish reasons and token usage. They never know whether an HTTP
+endpoint or an in-process vLLM engine answered.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Sampling:
+    """Decoding parameters; they map 1:1 onto the OpenAI API and onto vLLM's `SamplingParams`."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    """When set (and the teacher has structured output enabled) the answer must match this JSON schema."""
+
+
+@dataclass
+class TeacherRequest:
+    """Exactly one of `messages` (chat) or `prompt` (raw text a base model continues) is set.
+
+    `tag` is the caller's own bookkeeping (round, prompt hash, seed ids shown); teachers pass it through.
+    """
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    tag: Any = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("TeacherRequest needs exactly one of messages or prompt")
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str | None  # "stop", "length", … as the backend reports it
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TeacherResponse:
+    """The answer to one request. `error` is set (and `choices` empty) when every retry failed."""
+
+    request: TeacherRequest
+    choices: list[Choice] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    structured: bool = False  # True when the backend enforced request.sampling.json_schema
+    error: str | None = None
+    cost: float = 0.0
+
+
+@dataclass
+class TeacherStats:
+    """Running totals a progress bar and summary.json show."""
+
+    requests: int = 0
+    failed_requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class Teacher(abc.ABC):
+    """An LLM that answers batches of requests.
+
+    `generate` returns responses in request order; `stream` yields `(index, response)` as each finishes so a
+    pipeline can filter early answers while later ones are still in flight. `concurrency` is how many requests
+    a pipeline should keep in flight to keep this backend busy.
+    """
+
+    model: str
+    concurrency: int
+    stats: TeacherStats
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect / load and fail fast (UserError) on a bad endpoint, model name or model path."""
+
+    @abc.abstractmethod
+    async def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResponse]: ...
+
+    async def stream(self, requests: Sequence[TeacherRequest]) -> AsyncIterator[tuple[int, TeacherResponse]]:
+        for i, response in enumerate(await self.generate(requests)):
+            yield i, response
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or the engine."""

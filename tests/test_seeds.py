@@ -1,0 +1,153 @@
+"""Seed and corpus loaders: good files load, every malformed file is one `file:line: ...` error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfinstruct.errors import InputFileError
+from selfinstruct.seeds import load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
+
+GOOD_SEED = {
+    "id": "t1",
+    "name": "add",
+    "instruction": "Add the two numbers.",
+    "instances": [{"input": "2 and 3", "output": "5"}],
+    "is_classification": False,
+}
+
+
+def write_lines(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+def test_seed_jsonl_loads(tmp_path):
+    other = dict(GOOD_SEED, id="t2", is_classification=True, category="math")
+    tasks = load_seed_tasks(write_lines(tmp_path / "s.jsonl", [GOOD_SEED, other]))
+    assert [t.id for t in tasks] == ["t1", "t2"]
+    assert tasks[0].instances[0].output == "5"
+    assert tasks[1].is_classification and tasks[1].category == "math"
+
+
+def test_alpaca_json_array_and_jsonl_load(tmp_path):
+    recs = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi"},
+        {"instruction": "Echo it.", "output": "x"},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(recs, indent=2))
+    write_lines(tmp_path / "a.jsonl", recs)
+    for name in ("a.json", "a.jsonl"):
+        loaded = load_alpaca(tmp_path / name)
+        assert [r.instruction for r in loaded] == ["Say hi.", "Echo it."]
+        assert loaded[1].input == ""
+    tasks = load_tasks_any(tmp_path / "a.json")
+    assert [t.id for t in tasks] == ["a_0", "a_1"] and tasks[0].instances[0].output == "Hi"
+
+
+def test_json_array_records_keep_their_line_numbers(tmp_path):
+    (tmp_path / "a.json").write_text(
+        '[\n  {"instruction": "A b c d", "output": "x"},\n\n  {"instruction": 5}\n]\n'
+    )
+    assert [n for n, _ in read_json_records(tmp_path / "a.json")] == [2, 4]
+    with pytest.raises(InputFileError, match=r"a.json:4: field 'instruction'"):
+        load_alpaca(tmp_path / "a.json")
+
+
+MALFORMED = [
+    # (file name, bytes, loader, expected message fragment)
+    ("empty.jsonl", b"", load_seed_tasks, r"empty.jsonl: file is empty"),
+    ("blank.jsonl", b"\n  \n", load_seed_tasks, r"blank.jsonl: file is empty"),
+    ("badjson.jsonl", b'{"id": "a"}\n{"id": \n', load_seed_tasks, r"badjson.jsonl:2: invalid JSON"),
+    ("notobj.jsonl", b"[1, 2]\n", load_seed_tasks, r"notobj.jsonl:1: expected a JSON object, got int"),
+    ("list.jsonl", b'"just a string"\n', load_seed_tasks, r"list.jsonl:1: expected a JSON object, got str"),
+    (
+        "latin1.jsonl",
+        b'{"id": "a"}\n{"id": "caf\xe9"}\n',
+        load_seed_tasks,
+        r"latin1.jsonl:2: not valid UTF-8",
+    ),
+    (
+        "noinst.jsonl",
+        json.dumps({"id": "a", "instruction": "Do it now."}).encode(),
+        load_seed_tasks,
+        r"noinst.jsonl:1: field 'instances': missing required field",
+    ),
+    (
+        "emptyinst.jsonl",
+        json.dumps(dict(GOOD_SEED, instances=[])).encode(),
+        load_seed_tasks,
+        r"emptyinst.jsonl:1: field 'instances'",
+    ),
+    (
+        "intid.jsonl",
+        json.dumps(dict(GOOD_SEED, id=7)).encode(),
+        load_seed_tasks,
+        r"intid.jsonl:1: field 'id'",
+    ),
+    (
+        "badout.jsonl",
+        json.dumps(dict(GOOD_SEED, instances=[{"input": "", "output": 3}])).encode(),
+        load_seed_tasks,
+        r"badout.jsonl:1: field 'instances.0.output'",
+    ),
+    (
+        "badcls.jsonl",
+        json.dumps(dict(GOOD_SEED, is_classification="yes")).encode(),
+        load_seed_tasks,
+        r"badcls.jsonl:1: field 'is_classification'",
+    ),
+    (
+        "blankinstr.jsonl",
+        json.dumps(dict(GOOD_SEED, instruction="   ")).encode(),
+        load_seed_tasks,
+        r"blankinstr.jsonl:1: field 'instruction': is empty",
+    ),
+    (
+        "dup.jsonl",
+        (json.dumps(GOOD_SEED) + "\n\n" + json.dumps(GOOD_SEED) + "\n").encode(),
+        load_seed_tasks,
+        r"dup.jsonl:3: duplicate id 't1' \(first on line 1\)",
+    ),
+    (
+        "nooutput.jsonl",
+        b'{"instruction": "Say hi to me."}\n',
+        load_alpaca,
+        r"nooutput.jsonl:1: field 'output'",
+    ),
+    (
+        "unterminated.json",
+        b'[{"instruction": "a b c d", "output": "x"},\n',
+        load_alpaca,
+        r"unterminated.json:2: invalid JSON: unterminated array",
+    ),
+    (
+        "trailing.json",
+        b'[{"instruction": "a b c d", "output": "x"}] x',
+        load_alpaca,
+        r"trailing.json:1: invalid JSON: extra",
+    ),
+    (
+        "nocomma.json",
+        b'[{"instruction": "a b c d", "output": "x"}\n{"instruction": "e"}]',
+        load_alpaca,
+        r"nocomma.json:2: invalid JSON: expected ','",
+    ),
+    ("emptyarr.json", b"[]", load_alpaca, r"emptyarr.json: no records"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "loader", "message"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_files_give_file_line_errors(tmp_path, name, data, loader, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputFileError, match=message):
+        loader(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(InputFileError, match="nope.jsonl: file not found"):
+        load_seed_tasks(tmp_path / "nope.jsonl")
+    with pytest.raises(InputFileError, match="is a directory"):
+        load_seed_tasks(tmp_path)
