@@ -46,6 +46,10 @@ COMMANDS: dict[str, Command] = {
         "Score a tuned model against its base on held-out tasks (ROUGE-L, exact match, log-loss).",
         "selfinstruct.evaluate:EvaluateConfig:run_evaluate",
     ),
+    "split": Command(
+        "Split a corpus into train and held-out sets by task category (for evaluating unseen task types).",
+        "selfinstruct.evaluate:SplitConfig:run_split",
+    ),
     "stats": Command(
         "Corpus statistics with plots and a self-contained HTML report.",
         "selfinstruct.report:StatsConfig:run_stats",

@@ -63,6 +63,9 @@ def test_atomic_snapshot_replaces_whole_file(tmp_path):
     atomic_write_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp files left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: outputs stay shareable
 
 
 def _hold_lock(path, ready):
