@@ -63,13 +63,17 @@ def _extra(field: Any) -> dict[str, Any]:
 
 
 def iter_flags(model: type[Section], prefix: tuple[str, ...] = ()):
-    """Yield (path, flag, field) for every leaf field, flattening nested sections without a prefix."""
+    """Yield (path, flag, field) for every leaf field, flattening nested sections without a prefix.
+
+    A field declared with `json_schema_extra={"flag": None}` is TOML-only and yields no flag.
+    """
     for name, field in model.model_fields.items():
         if _is_section(field.annotation):
             yield from iter_flags(_unwrap_optional(field.annotation), (*prefix, name))
         else:
             flag = _extra(field).get("flag", "--" + name.replace("_", "-"))
-            yield (*prefix, name), flag, field
+            if flag is not None:
+                yield (*prefix, name), flag, field
 
 
 # ---------------------------------------------------------------- argparse

@@ -18,6 +18,7 @@ class Inner(Section):
     base_url: list[str] = []
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 32
+    note: str = Field("", json_schema_extra={"flag": None})
 
 
 class Outer(Section):
@@ -116,3 +117,11 @@ def test_redact_masks_secret_looking_keys():
         "nested": {"password": "***"},
         "api_key_env": "K",
     }
+
+
+def test_toml_only_field_has_no_flag(tmp_path):
+    with pytest.raises(SystemExit):
+        parse(["--note", "x"])
+    toml = tmp_path / "run.toml"
+    toml.write_text("[teacher]\nnote = 'from toml'\n")
+    assert resolve("generate", Outer, {}, load_toml(toml), str(toml)).teacher.note == "from toml"

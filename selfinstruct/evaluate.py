@@ -1,0 +1,691 @@
+"""`selfinstruct split` and `selfinstruct evaluate`: held-out tasks, and whether tuning helped on them.
+
+Self-Instruct measures success as following instructions the model never saw, including whole task types it
+never saw. `split` therefore holds out whole categories ("unseen") plus a fraction of the remaining tasks
+("seen" types, new tasks), never splitting the instances of one task. `evaluate` answers the held-out
+instructions greedily with the tuned model and its base and scores them three ways:
+
+* ROUGE-L F against the reference (SuperNI / Self-Instruct's metric: rouge-score semantics, Porter stemming),
+  computed with the same exact tokenizer and F formula as the novelty filter;
+* exact match after normalisation (case, punctuation, articles, whitespace) for classification tasks, whose
+  answers are labels;
+* the mean log-loss of the reference response under the model (nats per response token, and perplexity),
+  with the prompt rendered and tokenized exactly as `selfinstruct train` does, so it is the quantity that
+  training minimised, measured on held-out data.
+
+Both models see the same prompts: the template (chat or Alpaca) comes from the tuned model's
+`train_config.toml` when it has one. A LoRA adapter directory is merged into its base in a temporary directory
+first, so vLLM and transformers load a plain model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import string
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from selfinstruct.config import Section
+from selfinstruct.errors import UserError
+from selfinstruct.records import CorpusRecord
+from selfinstruct.store import atomic_write_json, atomic_write_text
+from selfinstruct.teachers.config import TeacherConfig
+
+UNCATEGORIZED = "uncategorized"
+
+
+def category_of(record: CorpusRecord) -> str:
+    return str(record.meta.get("category") or UNCATEGORIZED)
+
+
+def task_of(record: CorpusRecord) -> str:
+    """Instances of one task share `meta.task_id`; records without one are grouped by instruction text."""
+    task_id = record.meta.get("task_id")
+    return f"id:{task_id}" if task_id is not None else f"text:{record.instruction.strip()}"
+
+
+def load_records(path: str, what: str) -> list[CorpusRecord]:
+    """Alpaca records (with `meta`) from a file or a run directory's corpus.jsonl."""
+    from selfinstruct.train import load_corpus
+
+    _, records = load_corpus(path)
+    if records and isinstance(records[0], dict):
+        raise UserError(f"{path}: {what} needs Alpaca records (instruction/input/output), not chat messages")
+    return records  # type: ignore[return-value]
+
+
+def _write_jsonl(path: Path, records: Iterable[CorpusRecord]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
+
+
+# ---------------------------------------------------------------- split
+
+
+class SplitConfig(Section):
+    """The `[split]` table and the `selfinstruct split` flags."""
+
+    corpus: str | None = Field(
+        None,
+        description="corpus to split: Alpaca JSON/JSONL (meta.category, meta.task_id) or a run directory",
+        json_schema_extra={"positional": True},
+    )
+    out: str | None = Field(None, description="directory for train.jsonl, heldout.jsonl and split.json")
+    holdout_categories: list[str] = Field([], description="categories held out whole: the unseen task types")
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="fraction of the other tasks held out too (seen task types, new tasks)"
+    )
+    seed: int = Field(0, description="seed for choosing the held-out tasks")
+    force: bool = Field(False, description="overwrite an existing train.jsonl / heldout.jsonl")
+
+
+@dataclass
+class SplitResult:
+    train: list[CorpusRecord]
+    heldout: list[CorpusRecord]
+    unseen_categories: list[str]
+    heldout_tasks: int
+    train_tasks: int
+
+
+def split_records(
+    records: list[CorpusRecord], holdout_categories: Iterable[str], fraction: float, seed: int
+) -> SplitResult:
+    """Hold out whole categories, then `fraction` of the remaining tasks; file order is kept on both sides.
+
+    Deterministic: tasks are drawn from a sorted list with `random.Random(seed)`, so the same corpus and seed
+    give the same split whatever order the records come in. A task with any record in a held-out category is
+    held out whole.
+    """
+    unseen = sorted(set(holdout_categories))
+    known = {category_of(r) for r in records}
+    missing = [c for c in unseen if c not in known]
+    if missing:
+        raise UserError(
+            f"--holdout-categories: {', '.join(missing)} not in the corpus (categories: {', '.join(sorted(known))})"
+        )
+    unseen_tasks = {task_of(r) for r in records if category_of(r) in unseen}
+    other_tasks = sorted({task_of(r) for r in records} - unseen_tasks)
+    rng = random.Random(seed)
+    drawn = set(rng.sample(other_tasks, round(len(other_tasks) * fraction)))
+    held = unseen_tasks | drawn
+    return SplitResult(
+        train=[r for r in records if task_of(r) not in held],
+        heldout=[r for r in records if task_of(r) in held],
+        unseen_categories=unseen,
+        heldout_tasks=len(held),
+        train_tasks=len(other_tasks) - len(drawn),
+    )
+
+
+def split(cfg: SplitConfig) -> SplitResult:
+    if not cfg.corpus:
+        raise UserError("split needs a CORPUS (a corpus file or a run directory)")
+    if not cfg.out:
+        raise UserError("split needs --out DIR")
+    out = Path(cfg.out)
+    existing = [p for p in (out / "train.jsonl", out / "heldout.jsonl") if p.exists()]
+    if existing and not cfg.force:
+        raise UserError(f"{existing[0]} exists (use --force to overwrite)")
+    result = split_records(
+        load_records(cfg.corpus, "split"), cfg.holdout_categories, cfg.holdout_fraction, cfg.seed
+    )
+    if not result.heldout:
+        raise UserError("nothing held out: give --holdout-categories or a larger --holdout-fraction")
+    if not result.train:
+        raise UserError("nothing left to train on: hold out fewer categories or a smaller fraction")
+    _write_jsonl(out / "train.jsonl", result.train)
+    _write_jsonl(out / "heldout.jsonl", result.heldout)
+    atomic_write_json(
+        out / "split.json",
+        {
+            "corpus": cfg.corpus,
+            "seed": cfg.seed,
+            "holdout_fraction": cfg.holdout_fraction,
+            "unseen_categories": result.unseen_categories,
+            "train": {"records": len(result.train), "tasks": result.train_tasks},
+            "heldout": {"records": len(result.heldout), "tasks": result.heldout_tasks},
+        },
+    )
+    return result
+
+
+def run_split(cfg: SplitConfig) -> int:
+    r = split(cfg)
+    unseen = ", ".join(r.unseen_categories) or "none"
+    print(
+        f"train: {len(r.train)} records ({r.train_tasks} tasks) · held out: {len(r.heldout)} records "
+        f"({r.heldout_tasks} tasks; unseen categories: {unseen})"
+    )
+    print(f"wrote {Path(str(cfg.out)) / 'train.jsonl'} and {Path(str(cfg.out)) / 'heldout.jsonl'}")
+    return 0
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@lru_cache(maxsize=2)
+def _rouge_tokenizer(use_stemmer: bool):
+    from selfinstruct.filters.rouge import make_tokenizer
+
+    return make_tokenizer("rouge", use_stemmer)
+
+
+def rouge_l(prediction: str, reference: str, *, use_stemmer: bool = True) -> float:
+    """rouge-score's `RougeScorer(["rougeL"], use_stemmer).score(reference, prediction)["rougeL"].fmeasure`."""
+    from rapidfuzz.distance import LCSseq
+
+    from selfinstruct.filters.rouge import rouge_fmeasure
+
+    tokenize = _rouge_tokenizer(use_stemmer)
+    pred, ref = tokenize(prediction), tokenize(reference)
+    ids: dict[str, int] = {}
+    lcs = LCSseq.similarity(
+        [ids.setdefault(t, len(ids)) for t in pred], [ids.setdefault(t, len(ids)) for t in ref]
+    )
+    # precision = LCS / |prediction|, recall = LCS / |reference|, as rouge-score names them.
+    return rouge_fmeasure(lcs, len(ref), len(pred))
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation and the articles a/an/the, collapse whitespace (SQuAD/SuperNI style)."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+# ---------------------------------------------------------------- prompts and response log-loss
+
+
+def examples_for(records: list[CorpusRecord], template: Literal["chat", "alpaca"]) -> list[dict[str, Any]]:
+    """Prompt/completion pairs exactly as `selfinstruct train` builds them."""
+    from selfinstruct.train import to_examples
+
+    return to_examples(records, template)
+
+
+def tokenize_example(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int]:
+    """(token ids of prompt + response, number of prompt tokens), the way TRL's SFTTrainer tokenizes a
+    prompt/completion example: chat prompts get the generation prompt, plain completions get EOS appended,
+    and the response starts where the tokenized prompt and prompt + completion first differ."""
+    prompt, completion = example["prompt"], example["completion"]
+    if isinstance(prompt, list):
+        prompt_ids = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)
+        prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+    else:
+        if not completion.endswith(tokenizer.eos_token):
+            completion += tokenizer.eos_token
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        full_ids = tokenizer(text=prompt + completion)["input_ids"]
+    shared = 0
+    for a, b in zip(prompt_ids, full_ids, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return list(full_ids), shared
+
+
+@dataclass
+class Loss:
+    """Summed negative log-likelihood (nats) of one example's response tokens, and how many there were."""
+
+    nll: float
+    tokens: int
+
+
+def response_losses(
+    model_path: str, examples: list[dict[str, Any]], *, max_length: int = 2048, batch_size: int = 4
+) -> list[Loss]:
+    """NLL of each example's response under the model, response tokens only (cut at `max_length` tokens).
+
+    Examples are batched by length with right padding; only the response positions' logits are turned into
+    float32 log-probabilities, so memory stays at one batch of logits in the model's dtype.
+    """
+    import torch
+    from torch.nn.functional import cross_entropy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype="auto" if device == "cuda" else torch.float32
+    ).to(device)
+    model.eval()
+    encoded = [tokenize_example(tokenizer, e) for e in examples]
+    # The first token is never predicted, so a response starts at position 1 at the earliest.
+    encoded = [(ids[:max_length], max(1, min(start, max_length))) for ids, start in encoded]
+    losses = [Loss(0.0, 0)] * len(encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        width = max(len(encoded[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = encoded[i][0]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, i in enumerate(batch):
+                seq, start = encoded[i]
+                if start < len(seq):  # logits at t predict token t + 1
+                    nll = cross_entropy(
+                        logits[row, start - 1 : len(seq) - 1].float(),
+                        ids[row, start : len(seq)].to(device),
+                        reduction="sum",
+                    )
+                    losses[i] = Loss(float(nll), len(seq) - start)
+    return losses
+
+
+# ---------------------------------------------------------------- models
+
+
+def _load_error(flag: str, spec: str, exc: Exception) -> UserError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return UserError(f"{flag} {spec}: cannot load ({first})")
+
+
+def _merge_adapter(adapter: Path, into: Path) -> Path:
+    """Fold a LoRA adapter into its base model and save the result (with the adapter's tokenizer) to `into`."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    print(f"merging LoRA adapter {adapter} into its base model ...", file=sys.stderr)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto")
+    model.merge_and_unload().save_pretrained(into)
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(into)
+    return into
+
+
+def resolve_model(spec: str, flag: str, scratch: Path) -> str:
+    """A loadable model path or hub id: model directories as they are, LoRA adapters merged into `scratch`
+    (or their `merged/` sibling from `train --merge`); anything that is neither fails with one line."""
+    from transformers import AutoConfig
+
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return str(local)
+        if (local / "adapter_config.json").is_file():
+            if (local / "merged" / "config.json").is_file():
+                return str(local / "merged")
+            try:
+                return str(_merge_adapter(local, scratch))
+            except (OSError, ValueError) as e:
+                raise _load_error(flag, spec, e) from None
+        raise UserError(
+            f"{flag} {spec}: neither a model (config.json) nor a LoRA adapter (adapter_config.json)"
+        )
+    if local.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"{flag} {spec}: no such model directory")
+    try:
+        AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise _load_error(flag, spec, e) from None
+    return spec
+
+
+def _train_settings(model: str) -> dict[str, Any]:
+    """The `[train]` table a `selfinstruct train` output directory carries (empty for other models)."""
+    from selfinstruct.config import load_toml
+
+    path = Path(model).expanduser() / "train_config.toml"
+    return load_toml(path).get("train", {}) if path.is_file() else {}
+
+
+def _default_base(model: str) -> str | None:
+    """The model a tuned directory was trained from: its train_config.toml, or its adapter's base."""
+    base = _train_settings(model).get("model")
+    adapter = Path(model).expanduser() / "adapter_config.json"
+    if base is None and adapter.is_file():
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return base
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+class EvalTeacherConfig(TeacherConfig):
+    """How answers are generated: the teacher settings, with the in-process vLLM engine as the default.
+
+    Evaluate answers with --model and --base, never with the `[teacher]` table's model (in a shared config that
+    is the generation teacher); the field stays so that table loads.
+    """
+
+    backend: Literal["openai", "vllm"] = Field(
+        "vllm",
+        description="vllm: answer in-process with vLLM; openai: ask an OpenAI-compatible endpoint "
+        "(see --served-model)",
+        json_schema_extra={"flag": "--teacher"},
+    )
+    model: str = Field(
+        "",
+        description="not used by evaluate (it answers with --model and --base)",
+        json_schema_extra={"flag": None},
+    )
+
+
+class EvaluateConfig(Section):
+    """The `[evaluate]` table and the `selfinstruct evaluate` flags."""
+
+    model: str | None = Field(
+        None,
+        description="tuned model: a directory (full model or LoRA adapter, e.g. train's --out) or hub id",
+    )
+    base: str | None = Field(
+        None,
+        description="base model to compare with (default: the one --model was trained from, if recorded)",
+    )
+    data: str | None = Field(
+        None,
+        description="held-out records: Alpaca JSON/JSONL (e.g. split's heldout.jsonl) or a run directory",
+    )
+    train_data: str | None = Field(
+        None, description="the training corpus: categories absent from it are reported as unseen"
+    )
+    out: str | None = Field(None, description="output directory (default: MODEL/eval for a local model)")
+    served_model: str | None = Field(
+        None,
+        description="--teacher openai: the name the endpoint serves the tuned model under (default: --model)",
+    )
+    served_base: str | None = Field(
+        None,
+        description="--teacher openai: the name the endpoint serves the base model under (default: --base)",
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto",
+        description="prompt format; auto = the one --model was trained with, else its chat template if any",
+    )
+    max_tokens: int = Field(256, gt=0, description="longest answer generated, in tokens")
+    max_examples: int | None = Field(
+        None, gt=0, description="evaluate on a seeded random sample of this many held-out records"
+    )
+    seed: int = Field(0, description="seed for --max-examples sampling")
+    rouge_stemmer: bool = Field(
+        True, description="Porter-stem words before ROUGE-L (as SuperNI's evaluation)"
+    )
+    loss: bool = Field(
+        True, description="compute the response log-loss with transformers (needs the weights)"
+    )
+    loss_batch_size: int = Field(4, gt=0, description="examples per forward pass for the log-loss")
+    max_length: int = Field(2048, gt=0, description="tokens of prompt + response kept for the log-loss")
+    teacher: EvalTeacherConfig = Field(default_factory=EvalTeacherConfig)
+
+
+@dataclass
+class _Model:
+    role: str  # "tuned" or "base"
+    spec: str  # as the user gave it
+    path: str  # what transformers and in-process vLLM load (a merged copy for an adapter)
+    served: str  # its name at an OpenAI-compatible endpoint
+
+
+@dataclass
+class _Scored:
+    prediction: str
+    rouge_l: float
+    exact_match: bool | None
+    loss: Loss | None
+
+
+async def _answers(teacher: Any, examples: list[dict[str, Any]], max_tokens: int) -> list[str]:
+    """Greedy answers to every prompt; a request that failed for good answers "" (and is counted)."""
+    from selfinstruct.teachers import Sampling, TeacherRequest
+
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
+    requests = [
+        TeacherRequest(messages=e["prompt"], sampling=sampling)
+        if isinstance(e["prompt"], list)
+        else TeacherRequest(prompt=e["prompt"], sampling=sampling)
+        for e in examples
+    ]
+    responses = await teacher.generate(requests)
+    failed = [r.error for r in responses if r.error]
+    if failed and len(failed) == len(responses):
+        raise UserError(f"{teacher.model}: every answer failed (first: {failed[0]})")
+    if failed:
+        print(f"{len(failed)} of {len(responses)} answers failed (first: {failed[0]})", file=sys.stderr)
+    return [r.choices[0].text.strip() if r.choices else "" for r in responses]
+
+
+async def _answers_from(cfg: EvaluateConfig, model: _Model, examples: list[dict[str, Any]]) -> list[str]:
+    """Start a teacher for one model from `cfg.teacher`, answer, and shut it down (freeing the engine)."""
+    from selfinstruct.teachers import make_teacher
+
+    served = model.served if cfg.teacher.backend == "openai" else model.path
+    teacher = make_teacher(cfg.teacher.model_copy(update={"model": served}))
+    try:
+        await teacher.start()
+        return await _answers(teacher, examples, cfg.max_tokens)
+    finally:
+        await teacher.close()
+
+
+def _aggregate(rows: list[_Scored]) -> dict[str, Any]:
+    classification = [r.exact_match for r in rows if r.exact_match is not None]
+    losses = [r.loss for r in rows if r.loss is not None]
+    tokens = sum(x.tokens for x in losses)
+    log_loss = sum(x.nll for x in losses) / tokens if tokens else None
+    return {
+        "rouge_l": sum(r.rouge_l for r in rows) / len(rows),
+        "exact_match": sum(classification) / len(classification) if classification else None,
+        "classification_examples": len(classification),
+        "log_loss": log_loss,
+        "perplexity": math.exp(log_loss) if log_loss is not None else None,
+        "response_tokens": tokens,
+    }
+
+
+def _template(cfg: EvaluateConfig, model_path: str) -> Literal["chat", "alpaca"]:
+    if cfg.template != "auto":
+        return cfg.template
+    trained = _train_settings(str(cfg.model)).get("template")
+    if trained in ("chat", "alpaca"):
+        return trained
+    from transformers import AutoTokenizer
+
+    return "chat" if AutoTokenizer.from_pretrained(model_path).chat_template else "alpaca"
+
+
+def _check(cfg: EvaluateConfig) -> Path:
+    """Required settings; returns the output directory."""
+    if not cfg.model:
+        raise UserError("evaluate needs --model (a model directory, LoRA adapter directory or hub id)")
+    if not cfg.data:
+        raise UserError(
+            "evaluate needs --data (held-out records, e.g. the heldout.jsonl of selfinstruct split)"
+        )
+    local = Path(cfg.model).expanduser()
+    if not cfg.out and not local.is_dir():
+        raise UserError("evaluate needs --out when --model is not a local directory")
+    return Path(cfg.out) if cfg.out else local / "eval"
+
+
+def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Answer and score the held-out records with --model (and --base); write eval.json, eval.md and
+    predictions.jsonl to the output directory and return what eval.json holds (plus `out`).
+
+    `teachers` may map "tuned" / "base" to already-started teachers to answer with instead of starting one
+    from `cfg.teacher` (e.g. an engine the caller still needs); evaluate does not close them.
+    """
+    out = _check(cfg)
+    model_spec = str(cfg.model)
+    records = load_records(str(cfg.data), "evaluate")
+    if cfg.max_examples and cfg.max_examples < len(records):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_examples))
+        records = [records[i] for i in keep]
+    train_categories = (
+        {category_of(r) for r in load_records(cfg.train_data, "evaluate")} if cfg.train_data else None
+    )
+    base_spec = cfg.base
+    if not base_spec and Path(model_spec).expanduser().is_dir():
+        base_spec = _default_base(model_spec)
+        if base_spec:
+            print(f"comparing with base model {base_spec} (recorded in {model_spec})", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="selfinstruct-eval-") as scratch:
+        models = [_Model("tuned", model_spec, "", cfg.served_model or model_spec)]
+        if base_spec:
+            models.append(_Model("base", base_spec, "", cfg.served_base or base_spec))
+        for m in models:  # all of them before any engine starts: a bad path fails in seconds
+            m.path = resolve_model(
+                m.spec, f"--{'model' if m.role == 'tuned' else 'base'}", Path(scratch) / m.role
+            )
+        template = _template(cfg, models[0].path)
+        examples = examples_for(records, template)
+        references = [
+            e["completion"] if isinstance(e["completion"], str) else e["completion"][0]["content"]
+            for e in examples
+        ]
+        scored: dict[str, list[_Scored]] = {}
+        done: dict[str, tuple[list[str], list[Loss | None]]] = {}  # by path: a model given twice runs once
+        for m in models:
+            if m.path not in done:
+                print(f"answering {len(examples)} held-out prompts with {m.spec} ...", file=sys.stderr)
+                if teachers and m.role in teachers:
+                    answers = asyncio.run(_answers(teachers[m.role], examples, cfg.max_tokens))
+                else:
+                    answers = asyncio.run(_answers_from(cfg, m, examples))
+                losses: list[Loss | None] = [None] * len(examples)
+                if cfg.loss:
+                    losses = list(
+                        response_losses(
+                            m.path, examples, max_length=cfg.max_length, batch_size=cfg.loss_batch_size
+                        )
+                    )
+                done[m.path] = answers, losses
+            answers, losses = done[m.path]
+            scored[m.role] = [
+                _Scored(
+                    prediction=answer,
+                    rouge_l=rouge_l(answer, reference, use_stemmer=cfg.rouge_stemmer),
+                    exact_match=exact_match(answer, reference)
+                    if record.meta.get("is_classification")
+                    else None,
+                    loss=loss,
+                )
+                for answer, reference, record, loss in zip(answers, references, records, losses, strict=True)
+            ]
+
+    categories = [category_of(r) for r in records]
+    unseen = [train_categories is not None and c not in train_categories for c in categories]
+    result = {
+        "models": {m.role: m.spec for m in models},
+        "data": cfg.data,
+        "train_data": cfg.train_data,
+        "template": template,
+        "settings": {
+            "max_tokens": cfg.max_tokens,
+            "rouge_stemmer": cfg.rouge_stemmer,
+            "max_length": cfg.max_length,
+        },
+        **_slices(scored, categories, unseen, train_categories is not None),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "eval.json", result)
+    atomic_write_text(out / "eval.md", markdown_table(result))
+    predictions = []
+    for i, r in enumerate(records):
+        row: dict[str, Any] = {"instruction": r.instruction, "input": r.input, "reference": references[i]}
+        row.update(category=categories[i], unseen=unseen[i])
+        for role, rows in scored.items():
+            s = rows[i]
+            loss = s.loss.nll / s.loss.tokens if s.loss and s.loss.tokens else None
+            row[role] = {
+                "prediction": s.prediction,
+                "rouge_l": s.rouge_l,
+                "exact_match": s.exact_match,
+                "log_loss": loss,
+            }
+        predictions.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "predictions.jsonl", "".join(predictions))
+    return {**result, "out": str(out)}
+
+
+def _slices(
+    scored: dict[str, list[_Scored]], categories: list[str], unseen: list[bool], known: bool
+) -> dict[str, Any]:
+    """Aggregates over all examples, the seen and unseen categories (when the training corpus is known), and
+    each category."""
+
+    def summary(indices: list[int]) -> dict[str, Any]:
+        per_role = {role: _aggregate([rows[i] for i in indices]) for role, rows in scored.items()}
+        return {"examples": len(indices), **per_role}
+
+    everything = list(range(len(categories)))
+    overall = {"all": summary(everything)}
+    if known:
+        for name, flag in (("seen", False), ("unseen", True)):
+            indices = [i for i in everything if unseen[i] is flag]
+            if indices:
+                overall[name] = summary(indices)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(categories):
+        by_category[c].append(i)
+    return {
+        "overall": overall,
+        "categories": {
+            c: {"unseen": unseen[idx[0]], **summary(idx)} for c, idx in sorted(by_category.items())
+        },
+    }
+
+
+def _fmt(value: float | None, scale: float, digits: int) -> str:
+    return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+_COLUMNS = [
+    ("ROUGE-L", "rouge_l", 100, 1),
+    ("EM", "exact_match", 100, 1),
+    ("loss", "log_loss", 1, 3),
+    ("ppl", "perplexity", 1, 2),
+]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One row per slice (all, seen, unseen, each category) with base and tuned side by side."""
+    roles = [r for r in ("base", "tuned") if r in result["models"]]
+    header = ["slice", "n"] + [f"{name} {role}" for name, *_ in _COLUMNS for role in roles]
+    rows = list(result["overall"].items())
+    rows += [(f"{c} (unseen)" if s["unseen"] else c, s) for c, s in result["categories"].items()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
+    for name, s in rows:
+        cells = [name, str(s["examples"])]
+        cells += [_fmt(s[role][key], scale, digits) for _, key, scale, digits in _COLUMNS for role in roles]
+        lines.append("| " + " | ".join(cells) + " |")
+    models = " · ".join(f"{role}: `{spec}`" for role, spec in result["models"].items())
+    return (
+        "\n".join(lines)
+        + f"\n\n{models} · template: {result['template']} · ROUGE-L F and exact match (classification tasks "
+        "only) ×100 · loss: mean NLL of the reference response, nats/token · ppl = exp(loss)\n"
+    )
+
+
+def run_evaluate(cfg: EvaluateConfig) -> int:
+    result = evaluate(cfg)
+    print(markdown_table(result), end="")
+    print(f"wrote eval.json, eval.md and predictions.jsonl to {result['out']}")
+    return 0

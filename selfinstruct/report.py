@@ -1,0 +1,739 @@
+"""`selfinstruct stats`: the corpus statistics of the Self-Instruct paper and the run's own accounting.
+
+For a run directory or a bare corpus file it computes counts (instructions, instances, classification tasks,
+share with input), word-length histograms of instructions, inputs and outputs, the histogram of ROUGE-L F to
+the most similar seed instruction (how far generation moved from the seeds), the most common root verbs with
+their direct objects (the paper's diversity figure), and, for a run, rejection reasons, parse-failure rate,
+tokens and cost. Everything goes to `stats.json`, PNG plots and one self-contained `report.html` (images
+inlined as base64, no external resources), so the report can be mailed or attached to a dataset card.
+
+Root verbs: with spaCy and its `en_core_web_sm` model installed, the dependency parse's root verb and its
+direct object are used. Otherwise a documented heuristic (`verb_object`): the first clause that starts with
+a verb from a lexicon of instruction verbs gives the verb, and the last word of the noun phrase after it
+(skipping pronouns, determiners and a few adjectives, stopping at a preposition or conjunction) its object.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import random
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any, Literal
+
+from pydantic import Field
+
+from selfinstruct.config import Section, load_toml
+from selfinstruct.errors import UserError
+from selfinstruct.evaluate import task_of
+from selfinstruct.records import CorpusRecord
+from selfinstruct.seeds import is_seed_format, load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
+from selfinstruct.store import atomic_write_json, atomic_write_text, read_jsonl
+
+TEMPLATE = Path(__file__).parent / "prompts" / "report.html"
+
+
+class StatsConfig(Section):
+    """The `[stats]` table and the `selfinstruct stats` flags."""
+
+    path: str | None = Field(
+        None,
+        description="a run directory, or a corpus file (Alpaca JSON/JSONL or self-instruct seed JSONL)",
+        json_schema_extra={"positional": True},
+    )
+    out: str | None = Field(None, description="report directory (default: RUN/report, or CORPUS_report)")
+    seeds: str | None = Field(
+        None, description="seed tasks for the ROUGE-L-to-seeds histogram (default: the run's seed file)"
+    )
+    top_verbs: int = Field(20, gt=0, description="root verbs shown (each with its 4 most common objects)")
+    parser: Literal["auto", "spacy", "heuristic"] = Field(
+        "auto",
+        description="root-verb extraction: spaCy's en_core_web_sm when installed (auto), or the heuristic",
+    )
+    examples: int = Field(5, ge=0, description="random records shown in the report")
+    seed: int = Field(0, description="seed for choosing the shown records")
+
+
+# ---------------------------------------------------------------- reading a run or a corpus
+
+
+@dataclass
+class Instruction:
+    text: str
+    is_classification: bool | None
+    origin: str  # "machine" or "seed"
+
+
+@dataclass
+class Source:
+    """What the statistics are computed from; run-only parts are None for a bare corpus."""
+
+    path: Path
+    is_run: bool
+    instructions: list[Instruction]
+    instances: list[CorpusRecord]
+    rejected: list[dict[str, Any]] | None = None
+    summary: dict[str, Any] | None = None
+    seeds: str | None = None  # the seed file the run was generated from
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_corpus(records: list[CorpusRecord]) -> list[Instruction]:
+    """One instruction per task (meta.task_id, else the instruction text), in first-seen order."""
+    seen: dict[str, Instruction] = {}
+    for r in records:
+        key = task_of(r)
+        if key not in seen:
+            seen[key] = Instruction(
+                r.instruction, r.meta.get("is_classification"), r.meta.get("origin", "machine")
+            )
+    return list(seen.values())
+
+
+def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
+    if is_seed_format(read_json_records(path)[0][1]):
+        tasks = load_seed_tasks(path)
+        instructions = [Instruction(t.instruction, t.is_classification, "seed") for t in tasks]
+        instances = [
+            CorpusRecord(t.instruction, i.input, i.output, {"task_id": t.id, "category": t.category})
+            for t in tasks
+            for i in t.instances
+        ]
+        return instructions, instances
+    records = load_alpaca(path)
+    return _from_corpus(records), records
+
+
+def _run_seeds(run: Path) -> str | None:
+    """The seed file named in the run's config.toml ([generate] seeds), if any."""
+    config = run / "config.toml"
+    if not config.is_file():
+        return None
+    seeds = load_toml(config).get("generate", {}).get("seeds")
+    return seeds if isinstance(seeds, str) and seeds else None
+
+
+def load_source(path: str) -> Source:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: no such run directory or corpus file")
+    p = p.resolve()
+    if not p.is_dir():
+        instructions, instances = _load_file(p)
+        return Source(p, False, instructions, instances)
+    corpus, kept = p / "corpus.jsonl", p / "instructions.jsonl"
+    if not corpus.is_file() and not kept.is_file():
+        raise UserError(f"{p}: not a run directory (no corpus.jsonl or instructions.jsonl)")
+    source = Source(p, True, [], [], rejected=list(read_jsonl(p / "rejected.jsonl")), seeds=_run_seeds(p))
+    if (p / "summary.json").is_file():
+        source.summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
+    if corpus.is_file() and corpus.stat().st_size:
+        source.instances = load_alpaca(corpus)
+        source.instructions = _from_corpus(source.instances)
+    else:  # a run still generating: its kept instructions and whatever instances they have so far
+        source.notes.append("corpus.jsonl not written yet: statistics of instructions.jsonl")
+        for rec in read_jsonl(kept):
+            source.instructions.append(
+                Instruction(rec["instruction"], rec.get("is_classification"), "machine")
+            )
+            for inst in rec.get("instances") or []:
+                source.instances.append(
+                    CorpusRecord(rec["instruction"], inst.get("input", ""), inst.get("output", ""))
+                )
+    return source
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def length_stats(values: list[int]) -> dict[str, Any]:
+    """Summary and an integer-bin histogram (at most ~40 bins) of word counts."""
+    if not values:
+        return {"count": 0}
+    top = max(values)
+    width = max(1, math.ceil((top + 1) / 40))
+    counts = Counter(v // width for v in values)
+    edges = list(range(0, (top // width + 2) * width, width))
+    ordered = sorted(values)
+    return {
+        "count": len(values),
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
+        "max": top,
+        "histogram": {"edges": edges, "counts": [counts.get(i, 0) for i in range(len(edges) - 1)]},
+    }
+
+
+def rouge_to_seeds(instructions: list[str], seeds: list[str]) -> list[float]:
+    """For each instruction, the ROUGE-L F to its most similar seed instruction (exact, rouge-score
+    semantics; the novelty filter's index with top-1 search)."""
+    from selfinstruct.filters.rouge import NoveltyIndex
+
+    index = NoveltyIndex.from_texts(seeds, top_k=1)
+    return [r.max_f for r in index.query(instructions, add_kept=False)]
+
+
+def rouge_histogram(scores: list[float], bins: int = 20) -> dict[str, Any]:
+    counts = [0] * bins
+    for s in scores:
+        counts[min(int(s * bins), bins - 1)] += 1
+    return {"edges": [i / bins for i in range(bins + 1)], "counts": counts}
+
+
+# Verbs that start instructions ("Write ...", "Classify ..."): the heuristic's lexicon.
+VERBS = frozenset(
+    """
+    act add analyze analyse answer arrange ask assess assign brainstorm build calculate categorize change check
+    choose cite classify combine come compare compile complete compose compute condense construct convert
+    correct count create critique decide define demonstrate describe design detect determine develop devise
+    discuss draft edit elaborate estimate evaluate expand explain express extract fill find fix format formulate
+    generate give group guess help highlight identify illustrate imagine implement improve infer interpret
+    invent judge label list make match measure merge mention name order organize outline paraphrase pick plan
+    predict prepare present pretend produce proofread propose prove provide rank rate read recommend reformulate
+    remove rephrase replace reply report respond restate retell reverse review revise rewrite reword say score
+    select separate share shorten show simplify solve sort specify split state suggest summarize summarise
+    support tag teach tell test think transform translate turn use verify write
+    """.split()
+)
+_LEADING = re.compile(
+    r"^(?:please|kindly|now|also|then|next|briefly|quickly|carefully|simply|"
+    r"(?:can|could|would|will) you(?: please)?|i (?:want|need) you to|you (?:should|must|need to)|"
+    r"your task is to)\s+"
+)
+_PRONOUNS = frozenset("me us him her them you it this that these those something someone".split())
+# Skipped before the object's phrase starts: determiners, numbers, common adjectives and verb particles.
+_SKIP = frozenset(
+    """
+    a an the some any each every all few several many more most one two three four five six seven eight nine ten
+    my your his its our their following given new short brief simple detailed good creative different random
+    possible other another single same main best first last up out down off with
+    """.split()
+)
+# End the object's phrase: prepositions, conjunctions, wh-words and auxiliaries.
+_STOP = frozenset(
+    """
+    of for to in on at by with about from into as that which who whom whose where when while if and or but so
+    than using based according between without within over under after before like why how what whether
+    is are was were be been can could should would will shall may might must do does did has have had not
+    """.split()
+)
+
+
+def verb_object(instruction: str) -> tuple[str | None, str | None]:
+    """The heuristic root verb and direct object of an imperative instruction (lowercased), or None.
+
+    The verb is the first word of the first clause that starts with a lexicon verb (after "please", "can you",
+    ...); the object is the last word of the (at most 4-word) phrase that follows it.
+    """
+    for clause in re.split(r"[.,;:!?\n]+", instruction.lower()):
+        tokens = re.findall(r"[a-z]+(?:'[a-z]+)?", _LEADING.sub("", clause.strip()))
+        if not tokens or tokens[0] not in VERBS:
+            continue
+        phrase: list[str] = []
+        for token in tokens[1:]:
+            if not phrase and (token in _PRONOUNS or token in _SKIP):
+                continue
+            if token in _STOP or token in _PRONOUNS:
+                break
+            phrase.append(token)
+            if len(phrase) == 4:
+                break
+        return tokens[0], phrase[-1] if phrase else None
+    return None, None
+
+
+def _spacy_nlp(parser: str) -> Any:
+    """spaCy's small English pipeline if installed; None selects the heuristic."""
+    if parser == "heuristic":
+        return None
+    try:
+        import spacy
+
+        return spacy.load("en_core_web_sm", disable=["ner"])
+    except (ImportError, OSError):
+        if parser == "spacy":
+            raise UserError("--parser spacy needs spaCy and its en_core_web_sm model installed") from None
+        return None
+
+
+def verbs_and_objects(instructions: list[str], parser: str, top: int) -> dict[str, Any]:
+    nlp = _spacy_nlp(parser)
+    pairs: list[tuple[str | None, str | None]]
+    if nlp is None:
+        pairs = [verb_object(t) for t in instructions]
+    else:
+        pairs = []
+        for doc in nlp.pipe(instructions):
+            root = next((t for t in doc if t.dep_ == "ROOT"), None)
+            if root is None or root.pos_ != "VERB":
+                pairs.append((None, None))
+                continue
+            obj = next((c for c in root.children if c.dep_ in ("dobj", "obj")), None)
+            pairs.append((root.lemma_.lower(), obj.lemma_.lower() if obj is not None else None))
+    verbs = Counter(v for v, _ in pairs if v)
+    objects: dict[str, Counter[str]] = {}
+    for v, o in pairs:
+        if v and o:
+            objects.setdefault(v, Counter())[o] += 1
+    return {
+        "parser": "spacy:en_core_web_sm" if nlp is not None else "heuristic",
+        "instructions": len(instructions),
+        "with_verb": sum(1 for v, _ in pairs if v),
+        "with_verb_object": sum(1 for v, o in pairs if v and o),
+        "distinct_verbs": len(verbs),
+        "top": [
+            {
+                "verb": v,
+                "count": n,
+                "objects": [{"object": o, "count": k} for o, k in objects.get(v, Counter()).most_common(4)],
+            }
+            for v, n in verbs.most_common(top)
+        ],
+    }
+
+
+def _rejections(source: Source) -> dict[str, Any]:
+    if not source.is_run:
+        return {"available": False, "reason": "not a run directory"}
+    by_reason = Counter(str(r.get("reason", "unknown")) for r in source.rejected or [])
+    by_stage = Counter(str(r.get("stage", "unknown")) for r in source.rejected or [])
+    if not by_reason and source.summary and source.summary.get("rejected_by_reason"):
+        by_reason = Counter(source.summary["rejected_by_reason"])
+    return {
+        "available": True,
+        "total": sum(by_reason.values()),
+        "by_reason": dict(by_reason.most_common()),
+        "by_stage": dict(by_stage.most_common()),
+    }
+
+
+def _generation(source: Source) -> dict[str, Any]:
+    """Teacher accounting from summary.json. The parse-failure rate is unparseable items over all items
+    (parsed candidates + parse failures); keep rate is kept instructions over candidates."""
+    if not source.is_run:
+        return {"available": False, "reason": "not a run directory"}
+    s = source.summary
+    if not s:
+        return {"available": False, "reason": "the run has no summary.json"}
+    keys = (
+        "pipeline", "teacher_model", "target", "kept", "candidates", "parse_failures", "requests",
+        "failed_requests", "retries", "prompt_tokens", "completion_tokens", "cost", "elapsed_s", "finished",
+    )  # fmt: skip
+    out: dict[str, Any] = {"available": True, **{k: s.get(k) for k in keys}}
+    candidates, failures, kept = s.get("candidates") or 0, s.get("parse_failures") or 0, s.get("kept") or 0
+    out["parse_failure_rate"] = failures / (candidates + failures) if candidates + failures else None
+    out["keep_rate"] = kept / candidates if candidates else None
+    tokens = (s.get("prompt_tokens") or 0) + (s.get("completion_tokens") or 0)
+    out["total_tokens"] = tokens
+    out["tokens_per_kept"] = tokens / kept if kept else None
+    out["cost_per_1k_kept"] = 1000 * s["cost"] / kept if kept and s.get("cost") is not None else None
+    return out
+
+
+def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs: int) -> dict[str, Any]:
+    instructions, instances = source.instructions, source.instances
+    with_input = sum(1 for r in instances if r.input.strip())
+    classification = sum(1 for i in instructions if i.is_classification)
+    counts = {
+        "instructions": len(instructions),
+        "machine_instructions": sum(1 for i in instructions if i.origin != "seed"),
+        "seed_instructions": sum(1 for i in instructions if i.origin == "seed"),
+        "classification_instructions": classification,
+        "non_classification_instructions": sum(1 for i in instructions if i.is_classification is False),
+        "unknown_classification": sum(1 for i in instructions if i.is_classification is None),
+        "instances": len(instances),
+        "instances_with_input": with_input,
+        "share_with_input": with_input / len(instances) if instances else None,
+        "instances_per_instruction": len(instances) / len(instructions) if instructions else None,
+    }
+    lengths = {
+        "instruction": length_stats([words(i.text) for i in instructions]),
+        "input": length_stats([words(r.input) for r in instances if r.input.strip()]),
+        "output": length_stats([words(r.output) for r in instances]),
+    }
+    novelty: dict[str, Any]
+    seeds_path = seeds_path or source.seeds
+    if not seeds_path:
+        novelty = {"available": False, "reason": "no seed file (pass --seeds)"}
+    elif not Path(seeds_path).expanduser().is_file():
+        novelty = {"available": False, "reason": f"seed file {seeds_path} not found"}
+    else:
+        seeds = [t.instruction for t in load_tasks_any(Path(seeds_path).expanduser())]
+        machine = [i.text for i in instructions if i.origin != "seed"]
+        scores = rouge_to_seeds(machine, seeds) if machine else []
+        novelty = {
+            "available": bool(scores),
+            "seeds": seeds_path,
+            "seed_instructions": len(seeds),
+            "scored_instructions": len(scores),
+        }
+        if scores:
+            novelty.update(
+                mean=statistics.fmean(scores),
+                median=statistics.median(scores),
+                share_above_0_7=sum(1 for f in scores if f > 0.7) / len(scores),
+                histogram=rouge_histogram(scores),
+            )
+        else:
+            novelty["reason"] = "no machine-generated instructions"
+    return {
+        "source": {
+            "path": str(source.path),
+            "kind": "run" if source.is_run else "corpus",
+            "notes": source.notes,
+        },
+        "counts": counts,
+        "lengths": lengths,
+        "rouge_to_seeds": novelty,
+        "verbs": verbs_and_objects([i.text for i in instructions], parser, top_verbs),
+        "rejections": _rejections(source),
+        "generation": _generation(source),
+    }
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write the PNG figures; returns name -> path for those that have data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+    written: dict[str, Path] = {}
+
+    def save(fig: Any, name: str) -> None:
+        path = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[name] = path
+
+    lengths = stats["lengths"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, (name, color) in zip(
+        axes, (("instruction", "#4C72B0"), ("input", "#55A868"), ("output", "#C44E52")), strict=True
+    ):
+        s = lengths[name]
+        ax.set_title(f"{name} length (words)")
+        if not s["count"]:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+            continue
+        h = s["histogram"]
+        ax.bar(h["edges"][:-1], h["counts"], width=h["edges"][1] - h["edges"][0], align="edge", color=color)
+        ax.axvline(s["median"], color="black", lw=1, ls="--", label=f"median {s['median']:g}")
+        ax.set_ylabel("count")
+        ax.legend(frameon=False)
+    save(fig, "lengths")
+
+    novelty = stats["rouge_to_seeds"]
+    if novelty.get("histogram"):
+        h = novelty["histogram"]
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        ax.bar(
+            h["edges"][:-1], h["counts"], width=h["edges"][1] - h["edges"][0], align="edge", color="#8172B2"
+        )
+        ax.axvline(0.7, color="black", lw=1, ls="--", label="filter threshold 0.7")
+        ax.set_xlabel("ROUGE-L F to the most similar seed instruction")
+        ax.set_ylabel("instructions")
+        ax.set_xlim(0, 1)
+        ax.legend(frameon=False)
+        save(fig, "rouge_to_seeds")
+
+    top = stats["verbs"]["top"]
+    if top:
+        save(_verb_donut(plt, top), "verbs")
+
+    reasons = stats["rejections"].get("by_reason") or {}
+    if reasons:
+        items = list(reasons.items())[:15][::-1]
+        fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.3 * len(items)))
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#DD8452")
+        ax.set_xlabel("rejected candidates")
+        for y, (_, v) in enumerate(items):
+            ax.text(v, y, f" {v}", va="center")
+        save(fig, "rejections")
+    return written
+
+
+def _verb_donut(plt: Any, top: list[dict[str, Any]]) -> Any:
+    """The paper's sunburst as two rings: root verbs inside, each verb's top objects outside."""
+    cmap = plt.get_cmap("tab20")
+    inner = [v["count"] for v in top]
+    outer, outer_labels, outer_colors = [], [], []
+    for k, v in enumerate(top):
+        base = cmap(k % 20)
+        rest = v["count"]
+        for o in v["objects"]:
+            outer.append(o["count"])
+            outer_labels.append(o["object"])
+            outer_colors.append((*base[:3], 0.75))
+            rest -= o["count"]
+        if rest > 0:
+            outer.append(rest)
+            outer_labels.append("")
+            outer_colors.append((*base[:3], 0.25))
+    total = sum(inner)
+    fig, ax = plt.subplots(figsize=(7.5, 7.5))
+    ax.pie(
+        inner,
+        radius=0.7,
+        labels=[v["verb"] if v["count"] / total > 0.015 else "" for v in top],
+        labeldistance=0.55,
+        colors=[cmap(k % 20) for k in range(len(top))],
+        wedgeprops={"width": 0.4, "edgecolor": "white"},
+        textprops={"fontsize": 8, "ha": "center"},
+        startangle=90,
+        counterclock=False,
+    )
+    ax.pie(
+        outer,
+        radius=1.0,
+        labels=[lab if n / total > 0.01 else "" for lab, n in zip(outer_labels, outer, strict=True)],
+        labeldistance=0.86,
+        colors=outer_colors,
+        wedgeprops={"width": 0.3, "edgecolor": "white"},
+        textprops={"fontsize": 7, "ha": "center"},
+        rotatelabels=True,
+        startangle=90,
+        counterclock=False,
+    )
+    ax.set_title("root verbs (inner) and their most common direct objects (outer)")
+    return fig
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else html.escape(str(value))
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="kv">{body}</table>'
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _unavailable(section: dict[str, Any]) -> str:
+    return f'<p class="na">Not available: {html.escape(section.get("reason", "no data"))}.</p>'
+
+
+def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[CorpusRecord]) -> str:
+    c, lengths = stats["counts"], stats["lengths"]
+    sections = []
+    overview = [
+        ("instructions", _num(c["instructions"])),
+        ("  machine-generated / seed", f"{_num(c['machine_instructions'])} / {_num(c['seed_instructions'])}"),
+        (
+            "  classification / non-classification / unknown",
+            f"{_num(c['classification_instructions'])} / {_num(c['non_classification_instructions'])} / "
+            f"{_num(c['unknown_classification'])}",
+        ),
+        ("instances", _num(c["instances"])),
+        ("  with non-empty input", f"{_num(c['instances_with_input'])} ({_pct(c['share_with_input'])})"),
+        ("instances per instruction", _num(c["instances_per_instruction"], 2)),
+    ]
+    notes = "".join(f'<p class="na">{html.escape(n)}</p>' for n in stats["source"]["notes"])
+    sections.append(("Overview", _table(overview) + notes))
+
+    rows = [
+        [
+            name,
+            _num(s["count"]),
+            _num(s.get("mean")),
+            _num(s.get("median")),
+            _num(s.get("p90")),
+            _num(s.get("max")),
+        ]
+        for name, s in lengths.items()
+    ]
+    sections.append(
+        (
+            "Lengths (words)",
+            _img(images.get("lengths"), "length histograms")
+            + _grid(["field", "count", "mean", "median", "p90", "max"], rows),
+        )
+    )
+
+    novelty = stats["rouge_to_seeds"]
+    if novelty.get("available"):
+        body = _img(images.get("rouge_to_seeds"), "ROUGE-L to the nearest seed") + _table(
+            [
+                ("seed file", html.escape(novelty["seeds"])),
+                (
+                    "instructions scored / seed instructions",
+                    f"{_num(novelty['scored_instructions'])} / {_num(novelty['seed_instructions'])}",
+                ),
+                ("mean / median ROUGE-L F", f"{novelty['mean']:.3f} / {novelty['median']:.3f}"),
+                ("share above 0.7", _pct(novelty["share_above_0_7"])),
+            ]
+        )
+    else:
+        body = _unavailable(novelty)
+    sections.append(("Novelty: ROUGE-L to the most similar seed instruction", body))
+
+    verbs = stats["verbs"]
+    verb_rows = [
+        [
+            html.escape(v["verb"]),
+            _num(v["count"]),
+            ", ".join(f"{html.escape(o['object'])} ({o['count']})" for o in v["objects"]) or "–",
+        ]
+        for v in verbs["top"]
+    ]
+    share = verbs["with_verb_object"] / verbs["instructions"] if verbs["instructions"] else None
+    body = (
+        f"<p>Parser: {html.escape(verbs['parser'])}. {_num(verbs['with_verb'])} of "
+        f"{_num(verbs['instructions'])} instructions have a recognised root verb, {_num(verbs['with_verb_object'])} "
+        f"({_pct(share)}) a verb and a direct object; {_num(verbs['distinct_verbs'])} distinct verbs.</p>"
+        + _img(images.get("verbs"), "root verbs and objects")
+        + _grid(["verb", "instructions", "most common direct objects"], verb_rows)
+    )
+    sections.append(("Diversity: root verbs and their direct objects", body))
+
+    rejections = stats["rejections"]
+    if rejections["available"] and rejections["total"]:
+        total = rejections["total"]
+        body = _img(images.get("rejections"), "rejection reasons") + _grid(
+            ["reason", "candidates", "share"],
+            [[html.escape(k), _num(v), _pct(v / total)] for k, v in rejections["by_reason"].items()],
+        )
+        if rejections["by_stage"]:
+            body += _grid(
+                ["stage", "rejected"], [[html.escape(k), _num(v)] for k, v in rejections["by_stage"].items()]
+            )
+    elif rejections["available"]:
+        body = "<p>No candidate was rejected.</p>"
+    else:
+        body = _unavailable(rejections)
+    sections.append(("Rejected candidates", body))
+
+    g = stats["generation"]
+    if g["available"]:
+        cost = g["cost"]
+        body = _table(
+            [
+                ("pipeline / teacher", f"{_num(g['pipeline'])} / {_num(g['teacher_model'])}"),
+                ("kept / target", f"{_num(g['kept'])} / {_num(g['target'])}"),
+                ("candidates (keep rate)", f"{_num(g['candidates'])} ({_pct(g['keep_rate'])})"),
+                ("parse failures (rate)", f"{_num(g['parse_failures'])} ({_pct(g['parse_failure_rate'])})"),
+                (
+                    "requests / failed / retries",
+                    f"{_num(g['requests'])} / {_num(g['failed_requests'])} / {_num(g['retries'])}",
+                ),
+                (
+                    "prompt / completion tokens",
+                    f"{_num(g['prompt_tokens'])} / {_num(g['completion_tokens'])}",
+                ),
+                ("tokens per kept instruction", _num(g["tokens_per_kept"])),
+                ("cost (USD)", "–" if cost is None else f"${cost:,.4f}"),
+                (
+                    "cost per 1,000 kept instructions",
+                    "–" if g["cost_per_1k_kept"] is None else f"${g['cost_per_1k_kept']:,.4f}",
+                ),
+                ("elapsed", "–" if g["elapsed_s"] is None else f"{g['elapsed_s']:,.0f} s"),
+                ("finished", _num(g["finished"])),
+            ]
+        )
+    else:
+        body = _unavailable(g)
+    sections.append(("Generation: tokens, cost, parse failures", body))
+
+    if examples:
+        cards = "".join(
+            "<div class='example'>"
+            f"<p><b>Instruction</b> {html.escape(r.instruction)}</p>"
+            + (f"<p><b>Input</b> {html.escape(r.input)}</p>" if r.input.strip() else "")
+            + f"<p><b>Output</b> {html.escape(r.output)}</p></div>"
+            for r in examples
+        )
+        sections.append(("Random records", cards))
+
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{content}</section>" for t, content in sections)
+    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
+        title=html.escape(f"Corpus report: {Path(stats['source']['path']).name}"),
+        source=html.escape(
+            f"{'run directory' if stats['source']['kind'] == 'run' else 'corpus'} {stats['source']['path']}"
+        ),
+        body=body,
+    )
+
+
+# ---------------------------------------------------------------- command
+
+
+def stats_report(cfg: StatsConfig) -> tuple[dict[str, Any], Path]:
+    """Compute the statistics and write stats.json, the PNG plots and report.html; returns (stats, out dir)."""
+    if not cfg.path:
+        raise UserError("stats needs a RUN directory or CORPUS file")
+    source = load_source(cfg.path)
+    if not source.instructions:
+        raise UserError(f"{source.path}: no instructions to describe")
+    default_out = (
+        source.path / "report" if source.is_run else source.path.with_name(source.path.stem + "_report")
+    )
+    out = Path(cfg.out) if cfg.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    stats = compute_stats(source, cfg.seeds, cfg.parser, cfg.top_verbs)
+    images = _plots(stats, out)
+    stats["plots"] = {name: path.name for name, path in images.items()}
+    rng = random.Random(cfg.seed)
+    shown = rng.sample(source.instances, min(cfg.examples, len(source.instances)))
+    atomic_write_json(out / "stats.json", stats)
+    atomic_write_text(out / "report.html", render_html(stats, images, shown))
+    return stats, out
+
+
+def run_stats(cfg: StatsConfig) -> int:
+    stats, out = stats_report(cfg)
+    c = stats["counts"]
+    print(
+        f"{c['instructions']:,} instructions ({c['classification_instructions']:,} classification), "
+        f"{c['instances']:,} instances, {_pct(c['share_with_input'])} with input"
+    )
+    novelty = stats["rouge_to_seeds"]
+    if novelty.get("available"):
+        print(f"ROUGE-L to the nearest seed: mean {novelty['mean']:.3f}, median {novelty['median']:.3f}")
+    top = ", ".join(v["verb"] for v in stats["verbs"]["top"][:8])
+    print(f"top root verbs ({stats['verbs']['parser']}): {top or 'none found'}")
+    if stats["rejections"]["available"]:
+        print(f"rejected candidates: {stats['rejections']['total']:,}")
+    print(f"report: {out / 'report.html'} (stats.json and PNG plots beside it)")
+    return 0
