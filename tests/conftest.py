@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,85 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from selfinstruct.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def fake_openai():
+    """A scriptable OpenAI-compatible server on 127.0.0.1 (see `selfinstruct.testing.FakeOpenAI`)."""
+    from selfinstruct.testing import FakeOpenAI
+
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(tiny_model_dir: Path):
+    """The in-process vLLM teacher on the tiny model, started once (~30 s). Use it with `asyncio.run(...)`."""
+    import asyncio
+
+    from selfinstruct.teachers import make_teacher
+    from selfinstruct.testing import tiny_vllm_config
+
+    teacher = make_teacher(tiny_vllm_config(tiny_model_dir))
+    asyncio.run(teacher.start())
+    yield teacher
+    asyncio.run(teacher.close())
+
+
+@dataclass
+class VLLMServer:
+    url: str  # base URL, ends in /v1
+    model: str  # served model name
+    log: Path  # the server's stdout+stderr, for debugging
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real `vllm.entrypoints.openai.api_server` on the tiny model, started once (~30 s), killed at the end."""
+    import contextlib
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(tiny_model_dir), "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--gpu-memory-utilization", "0.1", "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
+        # compact JSON under a schema: a random tiny model otherwise emits whitespace until max_tokens
+        "--structured-outputs-config.backend", "xgrammar",
+        "--structured-outputs-config.disable_any_whitespace", "true",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server not up after 240 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield VLLMServer(f"http://127.0.0.1:{port}/v1", "tiny", log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the engine processes go too
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,478 @@
+"""Teacher backend for any OpenAI-compatible endpoint: OpenAI, other providers, `vllm serve`, Ollama, llama.cpp.
+
+Built on the official SDK's `AsyncOpenAI`, with the SDK's own retries off (`max_retries=0`): this module retries
+itself so that every retry is counted in `TeacherStats`, `Retry-After` / `retry-after-ms` are honoured exactly,
+and a retry can move to another endpoint of a fleet. What is retried: 408, 409, 429, 5xx, timeouts, connection
+errors and bodies that do not parse. What is not: other 4xx (the request itself is wrong). A refused key or an
+exhausted quota (401, 403, `insufficient_quota`) stops the run with a `UserError`: every request would fail.
+
+Throughput controls, in the order a request meets them: a semaphore (`concurrency` in flight), token buckets
+for requests/tokens per minute, then the endpoint with the fewest requests in flight. An endpoint that failed
+twice in a row is skipped for a growing while, unless every endpoint is in that state. When a request has used
+all its retries while every endpoint is failing, the teacher is unusable and `generate` raises `UserError`;
+otherwise the request comes back with `error` set and the run goes on.
+
+Structured output goes out as `response_format` JSON schema; if a server answers 400 to it and the same
+request then works as plain text, schemas are dropped for the rest of the run (`TeacherResponse.structured`
+says which). Servers that ignore `n` (Ollama, llama.cpp) are asked again until the n choices are there.
+
+The API key is read from the environment at `start()`, lives only inside the SDK clients, and is masked in
+every message this module produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import openai
+
+from selfinstruct.errors import UserError
+from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, TeacherStats, Usage
+from selfinstruct.teachers.config import TeacherConfig
+from selfinstruct.teachers.pricing import cost, resolve_prices
+
+log = logging.getLogger(__name__)
+
+OPENAI_URL = "https://api.openai.com/v1"
+DEFAULT_CONCURRENCY = 32
+MAX_BACKOFF = 60.0
+PROBE_TIMEOUT = 60.0
+MAX_RETRY_AFTER = 600.0  # a server asking for longer is treated as asking for 10 minutes
+DOWN_AFTER_FAILURES = 2  # consecutive failures before an endpoint is skipped
+NO_KEY = "no-key"  # sent to local servers that need none; the SDK insists on some key
+
+
+def is_local_url(url: str) -> bool:
+    """Loopback, private-network and single-label hosts (cluster names) do not need an API key."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or "." not in host:
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local
+
+
+# ---------------------------------------------------------------------------------------------- rate limits
+
+
+class TokenBucket:
+    """`per_minute` units per minute, with one second's worth of burst.
+
+    A request bigger than the burst is let through once the bucket is full and leaves it in debt, so the
+    long-run rate is exact whatever the request sizes. Waiters are served first come, first served.
+    """
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.level = self.capacity
+        self.updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, amount: float) -> None:
+        async with self._lock:
+            self._refill()
+            need = min(amount, self.capacity)
+            if self.level < need:
+                await asyncio.sleep((need - self.level) / self.rate)
+                self._refill()
+            self.level -= amount
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+
+def estimate_tokens(request: TeacherRequest) -> int:
+    """What a provider's TPM limiter charges up front: prompt (≈4 chars per token) + max_tokens × n."""
+    if request.messages is not None:
+        prompt = sum(len(m.get("content") or "") // 4 + 4 for m in request.messages)
+    else:
+        prompt = len(request.prompt or "") // 4
+    return prompt + request.sampling.max_tokens * request.sampling.n
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    client: openai.AsyncOpenAI
+    official: bool  # api.openai.com wants max_completion_tokens on chat
+    in_flight: int = 0
+    served: int = 0
+    failures: int = 0  # consecutive
+    down_until: float = 0.0
+    last_error: str = ""
+
+    def up(self, now: float) -> bool:
+        return now >= self.down_until
+
+    def succeeded(self) -> None:
+        self.failures, self.down_until = 0, 0.0
+
+    def failed(self, failure: _Failure, backoff: float) -> None:
+        self.failures += 1
+        self.last_error = failure.message
+        now = time.monotonic()
+        if failure.retry_after is not None:
+            self.down_until = max(self.down_until, now + failure.retry_after)
+        if self.failures >= DOWN_AFTER_FAILURES:
+            pause = min(MAX_BACKOFF, backoff * 2 ** (self.failures - DOWN_AFTER_FAILURES))
+            self.down_until = max(self.down_until, now + pause)
+
+
+@dataclass
+class _Failure:
+    kind: str  # key of TeacherStats.errors_by_kind: timeout, connection, bad_body, http_429, …
+    message: str
+    retryable: bool
+    status: int | None = None
+    retry_after: float | None = None
+    fatal: bool = False  # the key or the account is refused: stop the run
+
+
+class _BadBody(Exception):
+    """A 200 answer without usable choices."""
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms`, `retry-after` (seconds) or `retry-after` (HTTP date)."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return min(MAX_RETRY_AFTER, max(0.0, float(value) / scale))
+        except ValueError:
+            if name == "retry-after":
+                try:
+                    when = email.utils.parsedate_to_datetime(value)
+                except (TypeError, ValueError):
+                    return None
+                return min(MAX_RETRY_AFTER, max(0.0, when.timestamp() - time.time()))
+    return None
+
+
+def _error_field(exc: openai.APIStatusError, name: str) -> str | None:
+    """A field of the provider's error object (the SDK may or may not have unwrapped `{"error": {...}}`)."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    value = inner.get(name) if isinstance(inner, dict) else None
+    return str(value) if value else None
+
+
+def _classify(exc: Exception) -> _Failure:
+    if isinstance(exc, openai.APITimeoutError):
+        return _Failure("timeout", "request timed out", True)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        return _Failure("connection", f"connection failed ({cause or exc})", True)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message = f"HTTP {status}: {_error_field(exc, 'message') or exc.message}"
+        if status in (401, 403) or _error_field(exc, "code") == "insufficient_quota":
+            return _Failure(f"http_{status}", message, False, status, fatal=True)  # every request would fail
+        if status in (408, 409, 429) or status >= 500:
+            retry_after = _retry_after(exc.response.headers)
+            return _Failure(f"http_{status}", message, True, status, retry_after)
+        return _Failure(f"http_{status}", message, False, status)
+    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError, _BadBody)):
+        return _Failure("bad_body", f"unparseable response body ({exc})", True)
+    raise exc
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+
+
+class OpenAITeacher(Teacher):
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+        self.model = cfg.model
+        self.concurrency = cfg.concurrency or DEFAULT_CONCURRENCY
+        self.stats = TeacherStats()
+        self.prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
+        self.structured_supported = True  # turned off for the run when a server rejects response_format
+        self._urls = cfg.base_url or [os.environ.get("OPENAI_BASE_URL") or OPENAI_URL]
+        self._endpoints: list[_Endpoint] = []
+        self._secret = ""
+        self._semaphore = asyncio.Semaphore(self.concurrency)
+        self._rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
+        self._tpm = TokenBucket(cfg.tpm) if cfg.tpm else None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Build one client per base URL, then send each a 1-token request to check URL, key and model.
+
+        A real request is the one check that means the same thing on OpenAI, vLLM, Ollama and llama.cpp
+        (`/models` lists aliases differently, and llama.cpp ignores the model name altogether).
+        """
+        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        if not key:
+            remote = [u for u in self._urls if not is_local_url(u)]
+            if remote and self.cfg.api_key_env:
+                raise UserError(f"set the API key in ${self.cfg.api_key_env} (needed for {remote[0]})")
+            key = NO_KEY
+        self._secret = key if key != NO_KEY and len(key) >= 4 else ""  # masking "x" would mangle messages
+        timeout = openai.Timeout(self.cfg.timeout, connect=min(10.0, self.cfg.timeout))
+        self._endpoints = [
+            _Endpoint(
+                url,
+                openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout),
+                official=urlsplit(url).hostname == "api.openai.com",
+            )
+            for url in self._urls
+        ]
+        results = await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
+        dead = [(ep, why) for ep, why in zip(self._endpoints, results, strict=True) if why]
+        if len(dead) == len(self._endpoints):
+            ep, why = dead[0]
+            raise UserError(self._redact(f"cannot reach teacher at {ep.url}: {why}"))
+        for ep, why in dead:
+            log.warning(self._redact(f"teacher endpoint {ep.url} is unreachable ({why}); using the others"))
+            ep.failures, ep.down_until = DOWN_AFTER_FAILURES, time.monotonic() + MAX_BACKOFF
+
+    async def _probe(self, ep: _Endpoint) -> str | None:
+        """None when usable; a reason when unreachable; UserError when the model or key is wrong."""
+        probe = TeacherRequest(
+            messages=[{"role": "user", "content": "Say OK."}] if self.cfg.api == "chat" else None,
+            prompt="OK" if self.cfg.api == "completions" else None,
+        )
+        probe.sampling.max_tokens = 1
+        try:
+            await self._call(ep, probe, structured=False, timeout=min(PROBE_TIMEOUT, self.cfg.timeout))
+            return None
+        except Exception as exc:
+            failure = _classify(exc)
+        if failure.kind in ("timeout", "connection"):
+            return failure.message
+        if failure.status in (401, 403):
+            source = f"${self.cfg.api_key_env}" if self._secret else "no key set"
+            raise UserError(self._redact(f"{ep.url} rejected the API key ({source}): {failure.message}"))
+        if failure.fatal:
+            raise UserError(self._redact(f"{ep.url} refused the request: {failure.message}"))
+        if failure.status == 404:
+            raise UserError(
+                self._redact(
+                    f"model {self.model!r} ({self.cfg.api} API) not found at {ep.url}: {failure.message}"
+                )
+            )
+        log.warning(self._redact(f"teacher check at {ep.url} answered {failure.message}; going on"))
+        return None
+
+    async def close(self) -> None:
+        for ep in self._endpoints:
+            await ep.client.close()
+
+    # -- generation ----------------------------------------------------------------------------------------
+    async def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResponse]:
+        out: list[TeacherResponse | None] = [None] * len(requests)
+        async for i, response in self.stream(requests):
+            out[i] = response
+        return out  # type: ignore[return-value]  # every slot is filled
+
+    async def stream(self, requests: Sequence[TeacherRequest]) -> AsyncIterator[tuple[int, TeacherResponse]]:
+        """Yield `(index, response)` in completion order; closing the iterator early cancels the rest."""
+
+        async def indexed(i: int, request: TeacherRequest) -> tuple[int, TeacherResponse]:
+            return i, await self._all_choices(request)
+
+        tasks = [asyncio.ensure_future(indexed(i, r)) for i, r in enumerate(requests)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _all_choices(self, request: TeacherRequest) -> TeacherResponse:
+        """Servers that ignore `n` (Ollama, llama.cpp) answer once: ask again (next seed) for the rest."""
+        response = await self._complete(request)
+        s = request.sampling
+        while response.error is None and len(response.choices) < s.n:
+            seed = None if s.seed is None else s.seed + len(response.choices)
+            sampling = replace(s, n=s.n - len(response.choices), seed=seed)
+            more = await self._complete(
+                TeacherRequest(request.messages, request.prompt, sampling, request.tag)
+            )
+            if more.error is not None:
+                break  # keep the choices we have
+            response.choices += more.choices
+            response.usage.prompt_tokens += more.usage.prompt_tokens
+            response.usage.completion_tokens += more.usage.completion_tokens
+            response.cost += more.cost
+            response.structured = response.structured and more.structured
+        return response
+
+    async def _complete(self, request: TeacherRequest) -> TeacherResponse:
+        structured = request.sampling.json_schema is not None and self.cfg.structured_output
+        attempt = 0
+        last: _Endpoint | None = None  # where the previous attempt failed: a retry goes elsewhere if it can
+        # a 400 to a schema request may mean "no response_format here": confirmed if plain text then works
+        rejected: tuple[_Endpoint, _Failure] | None = None
+        async with self._semaphore:
+            while True:
+                structured = structured and self.structured_supported
+                if self._rpm:
+                    await self._rpm.take(1)
+                if self._tpm:
+                    await self._tpm.take(estimate_tokens(request))
+                ep = self._pick(avoid=last)
+                ep.in_flight += 1
+                ep.served += 1
+                try:
+                    choices, usage = await self._call(ep, request, structured)
+                except Exception as exc:
+                    failure = _classify(exc)
+                else:
+                    ep.succeeded()
+                    if rejected is not None:  # the same request worked as plain text: the schema was refused
+                        self._structured_rejected(*rejected)
+                    return self._account(TeacherResponse(request, choices, usage, structured=structured))
+                finally:
+                    ep.in_flight -= 1
+
+                last = ep
+                self.stats.errors_by_kind[failure.kind] = self.stats.errors_by_kind.get(failure.kind, 0) + 1
+                if structured and failure.status in (400, 422):
+                    structured, rejected = False, (ep, failure)
+                    continue
+                if failure.fatal:
+                    raise UserError(self._redact(f"{ep.url} refused the request: {failure.message}"))
+                if not failure.retryable:
+                    return self._give_up(request, ep, failure, attempt)
+                ep.failed(failure, self.cfg.backoff)
+                if attempt >= self.cfg.max_retries:
+                    if not any(e.up(time.monotonic()) for e in self._endpoints):
+                        raise UserError(self._redact(self._all_failing()))
+                    return self._give_up(request, ep, failure, attempt)
+                attempt += 1
+                self.stats.retries += 1
+                await asyncio.sleep(self._retry_delay(ep, failure, attempt))
+
+    def _pick(self, avoid: _Endpoint | None) -> _Endpoint:
+        """Fewest in flight among healthy endpoints (ties: the least used), preferring not to reuse `avoid`;
+        if none is healthy, the one that comes back first."""
+        now = time.monotonic()
+        healthy = [e for e in self._endpoints if e.up(now)]
+        if not healthy:
+            return min(self._endpoints, key=lambda e: e.down_until)
+        others = [e for e in healthy if e is not avoid] or healthy
+        return min(others, key=lambda e: (e.in_flight, e.served))
+
+    def _retry_delay(self, failed: _Endpoint, failure: _Failure, attempt: int) -> float:
+        """Go straight to another healthy endpoint if there is one; else Retry-After or jittered backoff."""
+        now = time.monotonic()
+        if any(e is not failed and e.up(now) for e in self._endpoints):
+            return 0.0
+        if failure.retry_after is not None:
+            return failure.retry_after
+        return min(MAX_BACKOFF, self.cfg.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    def _structured_rejected(self, ep: _Endpoint, failure: _Failure) -> None:
+        if self.structured_supported:
+            self.structured_supported = False
+            log.warning(
+                self._redact(
+                    f"{ep.url} rejected response_format ({failure.message}); using plain text this run"
+                )
+            )
+
+    def _give_up(
+        self, request: TeacherRequest, ep: _Endpoint, failure: _Failure, attempt: int
+    ) -> TeacherResponse:
+        self.stats.requests += 1
+        self.stats.failed_requests += 1
+        tries = f"{attempt + 1} attempt" + ("s" if attempt else "")
+        return TeacherResponse(
+            request, error=self._redact(f"{failure.message} (after {tries}, last at {ep.url})")
+        )
+
+    def _all_failing(self) -> str:
+        reasons = "; ".join(f"{e.url}: {e.last_error or 'unreachable'}" for e in self._endpoints)
+        return f"every teacher endpoint keeps failing after {self.cfg.max_retries} retries: {reasons}"
+
+    def _account(self, response: TeacherResponse) -> TeacherResponse:
+        response.cost = cost(response.usage, self.prices)
+        s = self.stats
+        s.requests += 1
+        s.prompt_tokens += response.usage.prompt_tokens
+        s.completion_tokens += response.usage.completion_tokens
+        s.cost += response.cost
+        return response
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    # -- one HTTP call -------------------------------------------------------------------------------------
+    async def _call(
+        self, ep: _Endpoint, request: TeacherRequest, structured: bool, timeout: float | None = None
+    ) -> tuple[list[Choice], Usage]:
+        s = request.sampling
+        args: dict[str, Any] = {
+            "model": self.model,
+            "n": s.n,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+        }
+        # Penalties only when set: some models (OpenAI reasoning models) reject even the default values.
+        if s.presence_penalty:
+            args["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            args["frequency_penalty"] = s.frequency_penalty
+        if s.stop:
+            args["stop"] = s.stop
+        if s.seed is not None:
+            args["seed"] = s.seed
+        if timeout is not None:
+            args["timeout"] = timeout
+        response_format = (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": s.json_schema, "strict": True},
+            }
+            if structured
+            else None
+        )
+        if request.messages is not None:
+            args["max_completion_tokens" if ep.official else "max_tokens"] = s.max_tokens
+            if response_format:
+                args["response_format"] = response_format
+            out = await ep.client.chat.completions.create(messages=request.messages, **args)  # type: ignore[arg-type]
+            raw = [
+                (c.index, c.message.content if c.message else None, c.finish_reason)
+                for c in out.choices or []
+            ]
+        else:
+            if response_format:  # not in the legacy API's signature; vLLM and others accept it
+                args["extra_body"] = {"response_format": response_format}
+            out = await ep.client.completions.create(prompt=request.prompt, max_tokens=s.max_tokens, **args)
+            raw = [(c.index, c.text, c.finish_reason) for c in out.choices or []]
+        if not raw:
+            raise _BadBody("no choices")
+        choices = [Choice(text or "", reason) for _, text, reason in sorted(raw, key=lambda c: c[0] or 0)]
+        if out.usage is not None:
+            usage = Usage(out.usage.prompt_tokens or 0, out.usage.completion_tokens or 0)
+        else:  # some servers omit usage: estimate so cost and throughput stay meaningful
+            usage = Usage(
+                estimate_tokens(request) - s.max_tokens * s.n, sum(len(c.text) // 4 for c in choices)
+            )
+        return choices, usage
