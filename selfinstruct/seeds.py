@@ -189,3 +189,29 @@ def load_tasks_any(path: str | Path) -> list[SeedTask]:
         )
         for n, r in enumerate(_alpaca(p, records))
     ]
+
+
+def seed_corpus(tasks: list[SeedTask]) -> list[CorpusRecord]:
+    """Seed tasks as corpus records, one per instance, keeping task id, category and label-ness under `meta`."""
+    return [
+        CorpusRecord(
+            task.instruction,
+            inst.input,
+            inst.output,
+            {
+                "task_id": task.id,
+                "is_classification": task.is_classification,
+                "origin": "seed",
+                "category": task.category,
+            },
+        )
+        for task in tasks
+        for inst in task.instances
+    ]
+
+
+def load_corpus_any(path: str | Path) -> list[CorpusRecord]:
+    """Corpus records from Alpaca JSON/JSONL or from a seed JSONL (each seed instance becomes a record)."""
+    p = Path(path)
+    records = read_json_records(p)
+    return seed_corpus(_seed_tasks(p, records)) if is_seed_format(records[0][1]) else _alpaca(p, records)

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from selfinstruct.errors import InputFileError
-from selfinstruct.seeds import load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
+from selfinstruct.filters.heuristics import FilterConfig, build_heuristics
+from selfinstruct.filters.rouge import NoveltyIndex
+from selfinstruct.seeds import (
+    load_alpaca,
+    load_corpus_any,
+    load_seed_tasks,
+    load_tasks_any,
+    read_json_records,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD_SEED = {
     "id": "t1",
@@ -147,7 +160,61 @@ def test_malformed_files_give_file_line_errors(tmp_path, name, data, loader, mes
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(InputFileError, match="nope.jsonl: file not found"):
+    with pytest.raises(InputFileError, match=r"nope\.jsonl: file not found"):
         load_seed_tasks(tmp_path / "nope.jsonl")
     with pytest.raises(InputFileError, match="is a directory"):
         load_seed_tasks(tmp_path)
+
+
+# ---------------------------------------------------------------- our own seed set
+
+SEEDS = REPO / "seeds" / "seed_tasks.jsonl"
+
+
+def test_seed_set_loads_with_the_promised_shape():
+    tasks = load_seed_tasks(SEEDS)
+    assert len(tasks) >= 175
+    assert len({t.id for t in tasks}) == len(tasks) and len({t.name for t in tasks}) == len(tasks)
+    assert sum(t.is_classification for t in tasks) >= 25
+    assert all(t.instances and all(i.output.strip() for i in t.instances) for t in tasks)
+    categories = Counter(t.category for t in tasks)
+    assert None not in categories and len(categories) >= 15
+    with_input = sum(bool(t.instances[0].input) for t in tasks) / len(tasks)
+    assert 0.35 <= with_input <= 0.45
+
+
+def test_seed_classification_outputs_are_short_labels():
+    for t in load_seed_tasks(SEEDS):
+        if t.is_classification:
+            assert all(len(i.output.split()) <= 4 for i in t.instances), t.id
+
+
+def test_seed_readme_counts_match_the_file():
+    tasks = load_seed_tasks(SEEDS)
+    readme = (REPO / "seeds" / "README.md").read_text()
+    for category, n in Counter(t.category for t in tasks).items():
+        assert re.search(rf"\|\s*{category}\s*\|\s*{n}\s*\|", readme), category
+    assert f"{len(tasks)} " in readme
+
+
+def test_seeds_pass_our_own_filters():
+    """Seeds must survive the filters generated instructions face, or the pool would reject its own examples."""
+    tasks = load_seed_tasks(SEEDS)
+    heuristics = build_heuristics(FilterConfig())
+    assert {t.id: heuristics(t.instruction) for t in tasks if heuristics(t.instruction)} == {}
+    kept = NoveltyIndex().query([t.instruction for t in tasks])
+    assert all(r.keep for r in kept)  # no seed is a ROUGE-L near-duplicate (> 0.7) of an earlier one
+
+
+def test_seed_corpus_one_record_per_instance(tmp_path):
+    tasks = load_seed_tasks(SEEDS)
+    records = load_corpus_any(SEEDS)
+    assert len(records) == sum(len(t.instances) for t in tasks)
+    assert records[0].meta == {
+        "task_id": tasks[0].id,
+        "is_classification": tasks[0].is_classification,
+        "origin": "seed",
+        "category": tasks[0].category,
+    }
+    write_lines(tmp_path / "a.jsonl", [{"instruction": "Say hi now.", "output": "Hi"}])
+    assert [r.output for r in load_corpus_any(tmp_path / "a.jsonl")] == ["Hi"]
