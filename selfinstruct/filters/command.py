@@ -1,0 +1,144 @@
+"""`selfinstruct filter CORPUS --out DIR`: clean an existing corpus with the heuristic and novelty filters.
+
+Records are judged in input order, exactly as a generation run would judge them one by one: every kept
+record joins the pool (after the optional `--pool` file, e.g. the seeds) before the next one is checked.
+Outputs: `kept.jsonl` (records unchanged, plus similarity metadata under `meta`), `rejected.jsonl` (one
+line per rejected record: reason, input line, nearest pool instruction and its ROUGE-L F, the record), and
+`summary.json` (counts by reason).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from selfinstruct.config import Section
+from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.filters import CandidateFilter, Decision
+from selfinstruct.filters.heuristics import FilterConfig
+from selfinstruct.seeds import read_json_records
+from selfinstruct.store import RunDir
+
+OUTPUTS = ("kept.jsonl", "rejected.jsonl", "summary.json")
+
+
+class FilterCommandConfig(Section):
+    input: str = Field(
+        "",
+        description="corpus to clean: Alpaca JSON/JSONL or self-instruct seed JSONL",
+        json_schema_extra={"positional": True},
+    )
+    out: str | None = Field(None, description="output directory (default: <input stem>-filtered next to it)")
+    pool: str | None = Field(
+        None, description="file whose instructions form the initial pool (e.g. the seeds), same formats"
+    )
+    stages: list[Literal["heuristics", "rouge"]] = Field(
+        ["heuristics", "rouge"],
+        min_length=1,
+        description="filters to apply, in this order: heuristics, rouge (or one of them)",
+        json_schema_extra={"flag": "--filters"},
+    )
+    field: str = Field("instruction", description="record field that holds the text to filter")
+    batch_size: int = Field(1024, ge=1, description="records judged (and written) per batch")
+    force: bool = Field(False, description="overwrite kept.jsonl, rejected.jsonl and summary.json in --out")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
+
+
+def _texts(path: Path, records: list[tuple[int, dict[str, Any]]], name: str) -> list[str]:
+    texts = []
+    for line, record in records:
+        value = record.get(name)
+        if not isinstance(value, str):
+            problem = "missing" if value is None else f"must be a string, got {type(value).__name__}"
+            raise InputFileError(path, line, f"field '{name}': {problem}")
+        if not isinstance(record.get("meta") or {}, dict):
+            raise InputFileError(
+                path, line, "field 'meta': must be an object (similarity metadata goes there)"
+            )
+        texts.append(value)
+    return texts
+
+
+def _kept_line(record: dict[str, Any], d: Decision) -> dict[str, Any]:
+    if d.max_f is None:  # the novelty check was off: nothing to add
+        return record
+    meta = {**(record.get("meta") or {}), "most_similar": dict(d.nearest), "max_similarity": d.max_f}
+    if d.mean_f is not None:
+        meta["avg_similarity"] = d.mean_f
+    return {**record, "meta": meta}
+
+
+def _rejected_line(line: int, record: dict[str, Any], d: Decision) -> dict[str, Any]:
+    nearest, score = d.nearest[0] if d.nearest else (None, d.max_f)
+    return {"reason": d.reason, "line": line, "nearest": nearest, "similarity": score, "record": record}
+
+
+def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the filter command; return the summary that is also written to OUT/summary.json."""
+    if not cfg.input:
+        raise UserError("filter: give a corpus file (selfinstruct filter CORPUS --out DIR)")
+    src = Path(cfg.input)
+    out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}-filtered")
+    existing = [out / name for name in OUTPUTS if (out / name).exists()]
+    if existing and not cfg.force:
+        raise UserError(f"{existing[0]}: already exists (use --force to overwrite)")
+    records = read_json_records(src)
+    texts = _texts(src, records, cfg.field)
+    pool = _texts(Path(cfg.pool), read_json_records(cfg.pool), cfg.field) if cfg.pool else []
+    console = console or Console(stderr=True, highlight=False)
+
+    started = time.perf_counter()
+    filt = CandidateFilter(
+        cfg.filters, pool=pool, heuristics="heuristics" in cfg.stages, novelty="rouge" in cfg.stages
+    )
+    with RunDir(out) as run:
+        for path in existing:
+            path.unlink()
+        kept, rejected = run.writer("kept.jsonl"), run.writer("rejected.jsonl")
+        columns = (TextColumn("filter"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("filter", total=len(records))
+            for start in range(0, len(records), cfg.batch_size):
+                batch = records[start : start + cfg.batch_size]
+                decisions = filt(texts[start : start + cfg.batch_size])
+                pairs = list(zip(batch, decisions, strict=True))
+                kept.write(_kept_line(rec, d) for (_, rec), d in pairs if d.keep)
+                rejected.write(_rejected_line(line, rec, d) for (line, rec), d in pairs if not d.keep)
+                progress.advance(task, len(batch))
+        counts = filt.counts
+        summary = {
+            "input": str(src),
+            "pool": cfg.pool,
+            "pool_size": len(pool),
+            "field": cfg.field,
+            "filters": list(cfg.stages),
+            "settings": cfg.filters.model_dump(mode="json"),
+            "records": len(records),
+            "kept": counts["kept"],
+            "rejected": len(records) - counts["kept"],
+            "reasons": {r: n for r, n in counts.most_common() if r != "kept"},
+            "seconds": round(time.perf_counter() - started, 3),
+            "out": str(out),
+        }
+        run.snapshot("summary.json", summary)
+    return summary
+
+
+def run_filter(cfg: FilterCommandConfig) -> int:
+    summary = filter_corpus(cfg)
+    table = Table(title=f"{summary['input']} -> {summary['out']}", title_justify="left")
+    table.add_column("outcome")
+    table.add_column("records", justify="right")
+    table.add_column("share", justify="right")
+    total = summary["records"]
+    for name, n in [("kept", summary["kept"]), *summary["reasons"].items()]:
+        table.add_row(name, str(n), f"{n / total:.1%}")
+    Console(highlight=False).print(table)
+    print(f"{summary['kept']} kept, {summary['rejected']} rejected in {summary['seconds']:.1f} s")
+    return 0
