@@ -1,0 +1,421 @@
+"""`selfinstruct generate`: grow an instruction corpus from seed tasks with a teacher LLM.
+
+This module is the command's shell: settings (`GenerateConfig`), the run directory (identity check, resolved
+config, state for resume), the live progress display, `summary.json`, Ctrl-C handling and the closing summary.
+The stages themselves live in `selfinstruct.pipeline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from selfinstruct.config import Section, save_config
+from selfinstruct.errors import UserError
+from selfinstruct.filters import FilterConfig
+from selfinstruct.pipeline import (
+    CORPUS,
+    INSTRUCTIONS,
+    JOURNALED,
+    REJECTED,
+    STAGES,
+    RunContext,
+    StageStats,
+    resolve_decoding,
+    run_pipeline,
+)
+from selfinstruct.pipeline.runner import Budget, Journal, Usage
+from selfinstruct.prompts import Prompts
+from selfinstruct.seeds import load_tasks_any
+from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
+from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
+
+STATE = "state.json"
+SUMMARY = "summary.json"
+CONFIG = "config.toml"
+SUMMARY_EVERY_S = 2.0
+LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
+
+
+def _opt(description: str, **kw: Any) -> Any:
+    return Field(None, description=description, **kw)
+
+
+class GenerateConfig(Section):
+    seeds: str = Field(
+        "seeds/seed_tasks.jsonl",
+        description="seed tasks: self-instruct seed JSONL or Alpaca JSON/JSONL",
+        json_schema_extra={"positional": True},
+    )
+    out: str = Field("outputs/run", description="run directory (rerun the same command on it to resume)")
+    pipeline: Literal["self-instruct", "alpaca"] = Field(
+        "self-instruct", description="self-instruct: 4 stages; alpaca: one step yields complete tasks"
+    )
+    stages: list[str] = Field(
+        [],
+        description="stages to run, in pipeline order (default all: bootstrap,classify,instances,finetune | alpaca,finetune)",
+    )
+    num_instructions: int = Field(1000, ge=1, description="instructions to keep (reference: 52k)")
+    seed: int = Field(0, description="random seed for prompt sampling and per-request teacher seeds")
+    # prompt mix
+    num_prompt_instructions: int = Field(8, ge=1, description="bootstrap: example instructions per prompt")
+    num_machine_in_prompt: int = Field(
+        2, ge=0, description="bootstrap: how many of them are sampled from kept machine instructions"
+    )
+    new_per_prompt: int = Field(
+        7,
+        ge=1,
+        description="bootstrap: new instructions per prompt (a base model's list stops at the item after)",
+    )
+    alpaca_prompt_tasks: int = Field(3, ge=1, description="alpaca: seed tasks shown per prompt")
+    alpaca_new_tasks: int = Field(
+        20, ge=1, description="alpaca: new tasks asked for per prompt (reference 16)"
+    )
+    request_batch: int | None = Field(
+        None,
+        ge=1,
+        description="prompts per teacher call (default: 1 over HTTP, a whole round of `concurrency` for --teacher vllm)",
+    )
+    # decoding
+    decoding: Literal["auto", "reference", "chat"] = Field(
+        "auto", description="decoding preset: auto = reference for --api completions, chat otherwise"
+    )
+    bootstrap_temperature: float | None = _opt("bootstrap temperature (reference 0.7)", ge=0)
+    bootstrap_top_p: float | None = _opt("bootstrap top_p (reference 0.5)", gt=0, le=1)
+    bootstrap_presence_penalty: float | None = _opt("bootstrap presence penalty (reference 2)", ge=-2, le=2)
+    bootstrap_max_tokens: int | None = _opt("bootstrap max tokens per completion (1024)", ge=1)
+    classify_max_tokens: int | None = _opt("classification max tokens (reference 3, chat 32)", ge=1)
+    instances_temperature: float | None = _opt("instance generation temperature (0)", ge=0)
+    instances_presence_penalty: float | None = _opt(
+        "instance presence penalty (reference 1.5, chat 0)", ge=-2, le=2
+    )
+    instances_max_tokens: int | None = _opt("instance max tokens (reference 300, chat 1024)", ge=1)
+    alpaca_temperature: float | None = _opt("alpaca temperature (1.0)", ge=0)
+    alpaca_top_p: float | None = _opt("alpaca top_p (1.0)", gt=0, le=1)
+    alpaca_max_tokens: int | None = _opt("alpaca max tokens (3072)", ge=1)
+    # instances and corpus
+    max_instances: int = Field(5, ge=1, description="instances per task")
+    include_seeds: bool = Field(False, description="also put the seed tasks into corpus.jsonl")
+    # budget and stopping
+    max_requests: int | None = _opt("stop after this many teacher requests (whole run, all sessions)", ge=1)
+    max_tokens: int | None = _opt("stop after this many prompt + completion tokens (whole run)", ge=1)
+    max_cost: float | None = _opt("stop after this much estimated cost in USD (whole run)", gt=0)
+    patience: int = Field(
+        200, ge=1, description="stop growing after this many answers in a row without a kept instruction"
+    )
+    prompt_dir: str | None = _opt(
+        "directory with prompt templates overriding the built-in ones (by file name)"
+    )
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateConfig:
+        if self.num_machine_in_prompt > self.num_prompt_instructions:
+            raise ValueError("num_machine_in_prompt must not exceed num_prompt_instructions")
+        known = STAGES[self.pipeline]
+        for stage in self.stages:
+            if stage not in known:
+                raise ValueError(
+                    f"'{stage}' is not a stage of the {self.pipeline} pipeline ({', '.join(known)})"
+                )
+        return self
+
+    def chosen_stages(self) -> list[str]:
+        return [s for s in STAGES[self.pipeline] if not self.stages or s in self.stages]
+
+
+# ---------------------------------------------------------------- run directory identity and state
+
+
+def _identity(cfg: GenerateConfig) -> dict[str, Any]:
+    seeds = Path(cfg.seeds)
+    return {
+        "pipeline": cfg.pipeline,
+        "seeds": str(seeds),
+        "seeds_sha256": hashlib.sha256(seeds.read_bytes()).hexdigest(),
+    }
+
+
+def _open_state(run: RunDir, identity: dict[str, Any]) -> dict[str, Any]:
+    """Load state.json and check that this run directory belongs to the same pipeline and seeds."""
+    path = run / STATE
+    if path.exists():
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: unreadable run state ({e}); use another --out") from None
+        old = state.get("identity", {})
+        if old.get("pipeline") != identity["pipeline"]:
+            raise UserError(
+                f"{run.path} holds a {old.get('pipeline')} run; --pipeline {identity['pipeline']} needs another --out"
+            )
+        if old.get("seeds_sha256") != identity["seeds_sha256"]:
+            raise UserError(
+                f"{run.path} was generated from other seeds ({old.get('seeds')}); use the same seeds to resume "
+                "or another --out"
+            )
+        return state
+    foreign = sorted(p.name for p in run.path.iterdir() if p.name != ".lock")
+    if foreign:
+        raise UserError(
+            f"{run.path} is not empty and is not a generate run ({foreign[0]}, …); use another --out"
+        )
+    return {"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0}
+
+
+def _initial_stats(run: RunDir, cfg: GenerateConfig) -> dict[str, StageStats]:
+    """Counters derived from the files, so a resumed run (even after kill -9) reports the whole run."""
+    stats = {stage: StageStats() for stage in STAGES[cfg.pipeline]}
+    for rec in read_jsonl(run / REJECTED):
+        stage = stats.get(rec.get("stage"))
+        if stage is not None:
+            stage.rejected[rec.get("reason", "?")] += 1
+    first = STAGES[cfg.pipeline][0]
+    kept = sum(1 for _ in read_jsonl(run / INSTRUCTIONS))
+    for name, s in stats.items():
+        s.parse_failures = s.rejected["unparseable"]
+        if name == first:
+            s.done = kept
+            s.candidates = kept + sum(
+                n for r, n in s.rejected.items() if r not in ("unparseable", "truncated")
+            )
+    if (run / CORPUS).exists():
+        stats["finetune"].extra["corpus_records"] = sum(1 for _ in read_jsonl(run / CORPUS))
+    return stats
+
+
+# ---------------------------------------------------------------- progress and summary
+
+
+class Monitor:
+    """The live progress display (stderr) and the periodic, atomic summary.json."""
+
+    def __init__(self, ctx: RunContext, state: dict[str, Any], console: Console):
+        self.ctx, self.state, self.console = ctx, state, console
+        self.started = time.monotonic()
+        self.interactive = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            refresh_per_second=4,
+        )
+        self.tasks: dict[str, Any] = {}
+        self._last_summary = self._last_log = self._last_draw = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self._rate = 0.0
+        self._stage_start: dict[str, tuple[float, int]] = {}  # (time, done) when a stage was first shown
+
+    def __enter__(self) -> Monitor:
+        if self.interactive:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.interactive:
+            self.progress.stop()
+
+    def tick(self, stage: str) -> None:
+        now = time.monotonic()
+        stats = self.ctx.stats[stage]
+        if now - self._last_draw >= 0.1 or stats.done >= stats.total:
+            self._last_draw = now
+            self._draw(stage, now)
+        if now - self._last_summary >= SUMMARY_EVERY_S:
+            self._last_summary = now
+            self.ctx.journal.snapshot(SUMMARY, self.summary(final=False))
+            self.ctx.journal.snapshot(STATE, self.state_snapshot())
+
+    def _draw(self, stage: str, now: float) -> None:
+        s = self.ctx.stats[stage]
+        usage = self.ctx.budget.total()
+        t0, r0 = self._rate_mark
+        if now - t0 >= 2.0:
+            self._rate = (usage.requests - r0) / (now - t0)
+            self._rate_mark = (now, usage.requests)
+        rejected = ", ".join(f"{r} {n}" for r, n in s.rejected.most_common(3)) or "none"
+        info = (
+            f"rejected: {rejected} · parse fail {s.parse_failures} · "
+            f"{usage.prompt_tokens + usage.completion_tokens:,} tok · ${usage.cost:.2f} · {self._rate:.1f} req/s"
+        )
+        label = "kept" if stage in ("bootstrap", "alpaca") else "done"
+        if self.interactive:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(f"{stage} ({label})", total=s.total, info=info)
+            self.progress.update(self.tasks[stage], completed=s.done, total=s.total, info=info)
+        elif now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            t0, done0 = self._stage_start.setdefault(stage, (now, s.done))
+            eta = ""
+            if s.done > done0 and s.total > s.done:
+                eta = f" · ETA {(s.total - s.done) * (now - t0) / (s.done - done0):.0f} s"
+            self.console.print(
+                f"[{stage}] {label} {s.done}/{s.total} · {info}{eta}", highlight=False, markup=False
+            )
+
+    def state_snapshot(self) -> dict[str, Any]:
+        usage = self.ctx.budget.total()
+        return {**self.state, "usage": vars(usage), "elapsed_s": self.elapsed()}
+
+    def elapsed(self) -> float:
+        return round(self.state.get("elapsed_s", 0.0) + time.monotonic() - self.started, 3)
+
+    def summary(self, final: bool) -> dict[str, Any]:
+        ctx = self.ctx
+        cfg = ctx.cfg
+        first = STAGES[cfg.pipeline][0]
+        usage = ctx.budget.total()
+        rejected: Counter[str] = Counter()
+        for s in ctx.stats.values():
+            rejected.update(s.rejected)
+        return {
+            "pipeline": cfg.pipeline,
+            "teacher_model": cfg.teacher.model,
+            "target": cfg.num_instructions,
+            "kept": ctx.stats[first].done,
+            "rejected_by_reason": dict(rejected.most_common()),
+            "parse_failures": sum(s.parse_failures for s in ctx.stats.values()),
+            "candidates": ctx.stats[first].candidates,
+            "requests": usage.requests,
+            "failed_requests": usage.failed_requests,
+            "retries": usage.retries,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cost": round(usage.cost, 6),
+            "elapsed_s": self.elapsed(),
+            "corpus_records": ctx.stats["finetune"].extra.get("corpus_records", 0),
+            "stages": {name: s.to_dict() for name, s in ctx.stats.items()},
+            "finished": final and all(s.finished for s in ctx.stats.values()),
+            "stop_reason": ctx.stop_reason,
+            "sessions": self.state.get("sessions", 1),
+        }
+
+    def print_final(self, summary: dict[str, Any], run: RunDir) -> None:
+        c = self.console
+        c.print()
+        status = "finished" if summary["finished"] else f"stopped ({summary['stop_reason'] or 'incomplete'})"
+        c.print(f"[bold]generate {status}[/]: {summary['pipeline']} with {summary['teacher_model']}")
+        c.print(
+            f"  kept          {summary['kept']} / {summary['target']} instructions ({summary['candidates']} candidates)"
+        )
+        for name, st in summary["stages"].items():
+            c.print(
+                f"  {name:<13} {st['done']} / {st['total']}" + ("" if st["finished"] else "  (not finished)")
+            )
+        if summary["rejected_by_reason"]:
+            reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
+            c.print(f"  rejected      {reasons}", highlight=False)
+        c.print(
+            f"  teacher       {summary['requests']} requests ({summary['failed_requests']} failed, "
+            f"{summary['retries']} retries), {summary['prompt_tokens'] + summary['completion_tokens']:,} tokens, "
+            f"${summary['cost']:.4f}, {summary['elapsed_s']:.1f} s"
+        )
+        c.print(f"  corpus        {summary['corpus_records']} records")
+        for name in (INSTRUCTIONS, REJECTED, CORPUS, SUMMARY):
+            if (run / name).exists():
+                c.print(f"  {name:<20} {run / name}", highlight=False)
+        if summary["stop_reason"] == "interrupted" or not summary["finished"]:
+            c.print("  rerun the same command to continue")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_generate(
+    cfg: GenerateConfig, *, teacher: Teacher | None = None, console: Console | None = None
+) -> int:
+    """Run (or resume) the pipeline in `cfg.out`. `teacher`: an already started teacher to use (tests, notebooks).
+
+    Returns the exit code: 0 when finished or stopped by a budget cap, 130 when interrupted.
+    """
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    seeds = load_tasks_any(cfg.seeds)
+    stages = cfg.chosen_stages()
+    prompts = Prompts("chat" if cfg.teacher.api == "chat" else "completion", cfg.prompt_dir)
+    for stage in stages:  # fail on a bad template before any request is sent
+        for name in {"instances": ("instances_input_first", "instances_output_first")}.get(stage, (stage,)):
+            if name != "finetune":
+                prompts.get(name)
+    identity = _identity(cfg)
+    with RunDir(cfg.out) as run:
+        state = _open_state(run, identity)
+        state["sessions"] = state.get("sessions", 0) + 1
+        atomic_write_json(run / STATE, state)
+        save_config("generate", cfg, run / CONFIG)
+        own_teacher = teacher is None
+        the_teacher = teacher or make_teacher(cfg.teacher)
+        journal = Journal(run, JOURNALED)
+        ctx = RunContext(
+            cfg=cfg,
+            run=run,
+            seeds=seeds,
+            teacher=the_teacher,
+            prompts=prompts,
+            journal=journal,
+            budget=Budget(
+                cfg.max_requests,
+                cfg.max_tokens,
+                cfg.max_cost,
+                earlier=Usage(**state.get("usage", {})),
+                stats=the_teacher.stats,
+                at_start=Usage.of(the_teacher.stats),
+            ),
+            decoding=resolve_decoding(cfg),
+            stats=_initial_stats(run, cfg),
+        )
+        monitor = Monitor(ctx, state, console)
+        ctx.on_tick = monitor.tick
+        try:
+            with monitor:
+                asyncio.run(_session(ctx, stages, own_teacher, console))
+        finally:
+            journal.close()
+            summary = monitor.summary(final=True)
+            atomic_write_json(run / SUMMARY, summary)
+            atomic_write_json(run / STATE, monitor.state_snapshot())
+        monitor.print_final(summary, run)
+    if ctx.stop_reason == "interrupted":
+        return 130
+    return 0
+
+
+async def _session(ctx: RunContext, stages: list[str], own_teacher: bool, console: Console) -> None:
+    loop = asyncio.get_running_loop()
+    ctx.stop = asyncio.Event()
+
+    def interrupt() -> None:
+        console.print("stopping: letting writes finish (Ctrl-C again to abort)")
+        ctx.stop.set()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)  # a second signal interrupts for real
+
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            loop.add_signal_handler(sig, interrupt)
+            handled.append(sig)
+    try:
+        if own_teacher:
+            await ctx.teacher.start()
+        await run_pipeline(ctx, stages)
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        if own_teacher:
+            await ctx.teacher.close()

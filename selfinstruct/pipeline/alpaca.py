@@ -1,0 +1,77 @@
+"""The Alpaca pipeline: one request yields a whole list of complete tasks (instruction, input, output).
+
+Each prompt shows `alpaca_prompt_tasks` seed tasks (only seeds are ever shown, as in the reference) and asks
+for `alpaca_new_tasks` more. A base model continues the numbered `Instruction:/Input:/Output:` list (stop at
+the item after the last one wanted); a chat model answers in JSON. A truncated answer loses only its last,
+cut-off task. Instructions pass the same heuristic and ROUGE-L filters as in the bootstrap (`Keeper`), and a
+kept task carries its input/output as its one instance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from selfinstruct.parsing import parse_tasks, tasks_schema
+from selfinstruct.pipeline import RunContext
+from selfinstruct.pipeline.bootstrap import Candidate, Growing, prompt_hash
+from selfinstruct.records import Instance, SeedTask
+from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
+
+
+def format_task(number: int, task: SeedTask) -> str:
+    """One task in the numbered list format a base model continues (and the chat prompt shows)."""
+    inst = task.instances[0]
+    return (
+        f"{number}. Instruction: {task.instruction}\n"
+        f"{number}. Input:\n{inst.input.strip() or '<noinput>'}\n"
+        f"{number}. Output:\n{inst.output.strip()}"
+    )
+
+
+class Alpaca(Growing):
+    stage = "alpaca"
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        self.shown = min(ctx.cfg.alpaca_prompt_tasks, len(ctx.seeds))
+
+    def request(self, round_: int, k: int) -> TeacherRequest:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        shown = self.rng.sample(ctx.seeds, self.shown)
+        tasks = "\n###\n".join(format_task(n, t) for n, t in enumerate(shown, start=1))
+        messages, prompt = self.template.render(tasks=tasks, next=self.shown + 1, count=cfg.alpaca_new_tasks)
+        if ctx.chat:
+            extra: dict[str, Any] = {"json_schema": tasks_schema(cfg.alpaca_new_tasks)}
+        else:
+            end = self.shown + cfg.alpaca_new_tasks + 1  # the item a base model stops at
+            extra = {"stop": [f"\n{end}", f"{end}.", f"{end} ."]}
+        tag = {
+            "round": round_,
+            "prompt_hash": prompt_hash(messages, prompt),
+            "seed_ids": [t.id for t in shown],
+        }
+        sampling = ctx.sampling(self.stage, (round_, k), **extra)
+        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=tag)
+
+    def answer(self, response: TeacherResponse) -> int:
+        tag = response.request.tag
+        round_ = tag["round"]
+        kept = 0
+        for choice in response.choices:
+            # A base model's text continues "N. Instruction:" from the prompt: put that back before parsing.
+            text = choice.text if self.ctx.chat else f"{self.shown + 1}. Instruction:{choice.text}"
+            parsed = parse_tasks(text, truncated=choice.finish_reason == "length")
+            if parsed.unparseable:
+                self.keeper.unreadable(
+                    text, "unparseable", round_, parsed.unparseable, prompt_hash=tag["prompt_hash"]
+                )
+            candidates = [
+                Candidate(t.instruction, Instance(t.input, t.output), {"input": t.input, "output": t.output})
+                for t in parsed.items
+            ]
+            kept += self.keeper.offer(candidates, round_, self.provenance(tag), self.target)
+        return kept
+
+
+async def run(ctx: RunContext) -> None:
+    await Alpaca(ctx).run()

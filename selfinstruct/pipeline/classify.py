@@ -1,0 +1,64 @@
+"""Self-Instruct step 2: is each kept instruction a classification task (finite set of output labels)?
+
+The answer decides how its instances are generated (output-first for classification). The few-shot examples
+come from the seed tasks' own `is_classification` labels, chosen once per run (a fixed prompt prefix is also
+what provider-side prompt caching rewards). Results go to `classification.jsonl` keyed by instruction id;
+instructions that already have one are skipped, so the stage resumes. An answer that is neither yes nor no
+is recorded as `null` (treated as "not classification") and counted as a parse failure.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no
+from selfinstruct.pipeline import CLASSIFICATION, REJECTED, PerInstruction, RunContext
+from selfinstruct.records import SeedTask
+from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
+
+EXAMPLES_PER_CLASS = 6
+
+
+def few_shot(seeds: list[SeedTask], seed: int) -> str:
+    """Up to 6 classification and 6 other seed tasks, interleaved, with their answers."""
+    rng = random.Random(f"{seed}:classify")
+    yes = [s for s in seeds if s.is_classification]
+    no = [s for s in seeds if not s.is_classification]
+    picked = rng.sample(yes, min(EXAMPLES_PER_CLASS, len(yes))) + rng.sample(
+        no, min(EXAMPLES_PER_CLASS, len(no))
+    )
+    rng.shuffle(picked)
+    return "\n\n".join(
+        f"Task: {s.instruction}\nClassification: {'Yes' if s.is_classification else 'No'}" for s in picked
+    )
+
+
+class Classify(PerInstruction):
+    stage = "classify"
+    output = CLASSIFICATION
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        self.template = ctx.prompts.get(self.stage)
+        self.examples = few_shot(ctx.seeds, ctx.cfg.seed)
+
+    def request(self, rec_id: str, instruction: str) -> TeacherRequest:
+        messages, prompt = self.template.render(examples=self.examples, instruction=instruction)
+        extra = {"json_schema": CLASSIFY_SCHEMA} if self.ctx.chat else {"stop": ["\n"]}
+        sampling = self.ctx.sampling(self.stage, rec_id, **extra)
+        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=(rec_id, instruction))
+
+    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> dict[str, Any]:
+        text = response.choices[0].text if response.choices else ""
+        label = parse_yes_no(text)
+        if label is None:
+            reject = self.ctx.reject_record(
+                self.stage, instruction, "unparseable", 0, id=rec_id, answer=text[:200]
+            )
+            self.ctx.journal.append(REJECTED, [reject])
+        return {"id": rec_id, "is_classification": label}
+
+
+async def run(ctx: RunContext) -> None:
+    await Classify(ctx).run()

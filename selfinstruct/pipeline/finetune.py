@@ -1,0 +1,100 @@
+"""The last stage of both pipelines: clean the instances and write `corpus.jsonl` (Alpaca fields + `meta`).
+
+The reference's finetune-preparation rules: a task whose instances share a non-empty input but disagree on the
+output is dropped whole; duplicates are removed; an instance is dropped when its output is empty, its input
+equals its output, or its input or output ends with ":" (usually a cut-off generation); at most
+`max_instances` per task. The corpus is rebuilt from the run's files every time (it is cheap and makes the
+stage trivially resumable) and replaced atomically, so a reader never sees half a corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from selfinstruct.pipeline import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, RunContext, read_keyed
+from selfinstruct.records import CorpusRecord, Instance
+from selfinstruct.store import atomic_write_text
+
+
+def clean_instances(instances: list[Instance], limit: int, dropped: Counter[str]) -> list[Instance]:
+    """The reference's rules; returns [] when the whole task must go. Reasons are counted in `dropped`."""
+    outputs_by_input: dict[str, set[str]] = {}
+    for inst in instances:
+        if inst.input.strip():
+            outputs_by_input.setdefault(inst.input.strip(), set()).add(inst.output.strip())
+    if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
+        dropped["conflicting_outputs"] += len(instances)
+        return []
+    kept: list[Instance] = []
+    seen: set[tuple[str, str]] = set()
+    for inst in instances:
+        inp, out = inst.input.strip(), inst.output.strip()
+        if (inp, out) in seen:
+            reason = "duplicate"
+        elif not out:
+            reason = "empty_output"
+        elif inp == out:
+            reason = "input_equals_output"
+        elif inp.endswith(":") or out.endswith(":"):
+            reason = "ends_with_colon"
+        elif len(kept) >= limit:
+            reason = "over_limit"
+        else:
+            seen.add((inp, out))
+            kept.append(Instance(inp, out))
+            continue
+        dropped[reason] += 1
+    return kept
+
+
+async def run(ctx: RunContext) -> None:
+    cfg, stats = ctx.cfg, ctx.stats["finetune"]
+    instructions = read_keyed(ctx.run, INSTRUCTIONS)
+    labels = read_keyed(ctx.run, CLASSIFICATION)
+    generated = read_keyed(ctx.run, INSTANCES) if cfg.pipeline == "self-instruct" else {}
+    dropped: Counter[str] = Counter()
+    records: list[CorpusRecord] = []
+    waiting = tasks_dropped = 0
+    for rec_id, rec in instructions.items():
+        if cfg.pipeline == "self-instruct":
+            if rec_id not in generated:
+                waiting += 1  # instance generation has not reached it yet
+                continue
+            raw = generated[rec_id]["instances"]
+        else:
+            raw = rec["instances"]
+        label = labels.get(rec_id, {}).get("is_classification", rec.get("is_classification"))
+        instances = clean_instances(
+            [Instance(i["input"], i["output"]) for i in raw], cfg.max_instances, dropped
+        )
+        if not instances:
+            tasks_dropped += 1
+        meta: dict[str, Any] = {
+            "task_id": rec_id,
+            "is_classification": label,
+            "origin": "machine",
+            "category": None,
+        }
+        records += [CorpusRecord(rec["instruction"], i.input, i.output, dict(meta)) for i in instances]
+    if cfg.include_seeds:
+        for seed in ctx.seeds:
+            meta = {
+                "task_id": seed.id,
+                "is_classification": seed.is_classification,
+                "origin": "seed",
+                "category": seed.category,
+            }
+            records += [CorpusRecord(seed.instruction, i.input, i.output, dict(meta)) for i in seed.instances]
+    text = "".join(json.dumps(r.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
+    atomic_write_text(ctx.run / CORPUS, text)
+    stats.total = len(instructions)
+    stats.done = len(instructions) - waiting - tasks_dropped
+    stats.finished = waiting == 0
+    stats.extra = {
+        "corpus_records": len(records),
+        "tasks_waiting_for_instances": waiting,
+        "tasks_dropped": tasks_dropped,
+        "instances_dropped": dict(dropped.most_common()),
+    }

@@ -1,0 +1,91 @@
+"""Self-Instruct step 3: up to `max_instances` input/output examples for every kept instruction.
+
+Classification tasks are generated output-first (a class label, then an input that belongs to it), so the
+teacher cannot drift towards one label the way it does when it writes the input first; the others input-first.
+Few-shot examples are seed tasks of the same kind with their instances, chosen once per run. Results go to
+`instances.jsonl` keyed by instruction id (already-done ids are skipped, so the stage resumes). A truncated
+answer loses its last, cut-off instance; an unreadable one is recorded with no instances and counted.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from selfinstruct.parsing import instances_schema, parse_instances
+from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, REJECTED, PerInstruction, RunContext, read_keyed
+from selfinstruct.records import SeedTask
+from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
+
+EXAMPLE_TASKS = 3
+
+
+def format_examples(task: SeedTask, output_first: bool) -> str:
+    """A seed task with its instances, in the block format the parser reads back."""
+    lines = [f"Task: {task.instruction}"]
+    for k, inst in enumerate(task.instances, start=1):
+        if output_first:
+            lines.append(f"Class label: {inst.output.strip()}")
+            if inst.input.strip():
+                lines.append(f"Input: {inst.input.strip()}")
+        else:
+            lines.append(f"Example {k}")
+            if inst.input.strip():
+                lines.append(f"Input: {inst.input.strip()}")
+            lines.append(f"Output: {inst.output.strip()}")
+    return "\n".join(lines)
+
+
+def few_shot(seeds: list[SeedTask], output_first: bool, seed: int) -> str:
+    rng = random.Random(f"{seed}:instances:{output_first}")
+    same_kind = [s for s in seeds if s.is_classification == output_first] or seeds
+    picked = rng.sample(same_kind, min(EXAMPLE_TASKS, len(same_kind)))
+    return "\n\n".join(format_examples(s, output_first) for s in picked)
+
+
+class Instances(PerInstruction):
+    stage = "instances"
+    output = INSTANCES
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        self.templates = {
+            False: ctx.prompts.get("instances_input_first"),
+            True: ctx.prompts.get("instances_output_first"),
+        }
+        self.examples = {kind: few_shot(ctx.seeds, kind, ctx.cfg.seed) for kind in (False, True)}
+        self.labels = read_keyed(ctx.run, CLASSIFICATION)
+
+    def output_first(self, rec_id: str) -> bool:
+        """Classification tasks (per the classify stage; unknown counts as no) are generated output-first."""
+        return bool(self.labels.get(rec_id, {}).get("is_classification"))
+
+    def request(self, rec_id: str, instruction: str) -> TeacherRequest:
+        max_instances, output_first = self.ctx.cfg.max_instances, self.output_first(rec_id)
+        messages, prompt = self.templates[output_first].render(
+            examples=self.examples[output_first], instruction=instruction, count=max_instances
+        )
+        if self.ctx.chat:
+            extra: dict[str, Any] = {"json_schema": instances_schema(max_instances, output_first)}
+        else:
+            extra = {"stop": ["Task:"] if output_first else ["Task:", f"Example {max_instances + 1}"]}
+        sampling = self.ctx.sampling(self.stage, rec_id, **extra)
+        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=(rec_id, instruction))
+
+    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> dict[str, Any]:
+        output_first = self.output_first(rec_id)
+        choice = response.choices[0] if response.choices else None
+        text = choice.text if choice else ""
+        truncated = choice is not None and choice.finish_reason == "length"
+        found = parse_instances(text, output_first, truncated=truncated).items[: self.ctx.cfg.max_instances]
+        if not found:
+            reject = self.ctx.reject_record(
+                self.stage, instruction, "unparseable", 0, id=rec_id, answer=text[:2000]
+            )
+            self.ctx.journal.append(REJECTED, [reject])
+        instances = [{"input": i.input, "output": i.output} for i in found]
+        return {"id": rec_id, "output_first": output_first, "instances": instances}
+
+
+async def run(ctx: RunContext) -> None:
+    await Instances(ctx).run()

@@ -1,0 +1,114 @@
+"""Prompt templates: one text file per stage and model style, shipped in `selfinstruct/prompts/`.
+
+`<stage>.chat.txt` is for chat models: an optional `[system]` section and a `[user]` section, each a line of
+its own. `<stage>.completion.txt` is the raw text a base model continues. Placeholders are `{{ name }}`; the
+pipeline renders the variable parts (numbered example lists, few-shot blocks) in code because the parsers
+depend on their exact shape, and the template holds the wording around them. One trailing newline at the end of
+a file is dropped (editors add it; a base model's prompt must end exactly where the list continues).
+
+`--prompt-dir DIR` overrides any of the files by name; the others come from the package. A template that uses a
+placeholder the stage does not provide, or misses one it needs, is a UserError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from selfinstruct.errors import UserError
+
+Style = Literal["chat", "completion"]
+
+# stage -> (placeholders it provides, placeholders a template must use)
+VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "bootstrap": (frozenset({"tasks", "next", "count"}), frozenset({"tasks"})),
+    "alpaca": (frozenset({"tasks", "next", "count"}), frozenset({"tasks"})),
+    "classify": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
+    "instances_input_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
+    "instances_output_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
+}
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
+_SECTION = re.compile(r"^\[(system|user)\]\s*$", re.M)
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str  # e.g. "bootstrap.chat.txt"
+    source: str  # where it was read from (for error messages and provenance)
+    system: str | None
+    body: str  # the user message (chat) or the whole prompt (completion)
+    hash: str  # short sha256 of the file text: which wording produced a record
+
+    def render(self, **values: object) -> tuple[list[dict[str, str]] | None, str | None]:
+        """(messages, None) for a chat template, (None, prompt) for a completion template."""
+
+        def fill(text: str) -> str:
+            return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
+
+        if self.name.endswith(".chat.txt"):
+            messages = [{"role": "system", "content": fill(self.system)}] if self.system else []
+            messages.append({"role": "user", "content": fill(self.body)})
+            return messages, None
+        return None, fill(self.body)
+
+
+class Prompts:
+    """The templates of one run, loaded and checked up front so a bad `--prompt-dir` fails before any request."""
+
+    def __init__(self, style: Style, prompt_dir: str | Path | None = None):
+        self.style = style
+        self.prompt_dir = Path(prompt_dir) if prompt_dir else None
+        if self.prompt_dir is not None and not self.prompt_dir.is_dir():
+            raise UserError(f"--prompt-dir {self.prompt_dir}: not a directory")
+        self._cache: dict[str, Template] = {}
+
+    def get(self, stage: str) -> Template:
+        name = f"{stage}.{self.style}.txt"
+        if name not in self._cache:
+            self._cache[name] = self._load(stage, name)
+        return self._cache[name]
+
+    def _load(self, stage: str, name: str) -> Template:
+        override = self.prompt_dir / name if self.prompt_dir else None
+        if override is not None and override.is_file():
+            source = str(override)
+            try:
+                text = override.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{override}: cannot read prompt template ({e})") from None
+        else:
+            source = f"selfinstruct/prompts/{name}"
+            text = resources.files("selfinstruct").joinpath("prompts", name).read_text(encoding="utf-8")
+        return parse_template(stage, name, source, text)
+
+
+def parse_template(stage: str, name: str, source: str, text: str) -> Template:
+    provided, required = VARIABLES[stage]
+    used = set(_PLACEHOLDER.findall(text))
+    if unknown := sorted(used - provided):
+        raise UserError(
+            f"{source}: unknown placeholder {{{{{unknown[0]}}}}} (this template may use: {', '.join(sorted(provided))})"
+        )
+    if missing := sorted(required - used):
+        raise UserError(f"{source}: the template never uses {{{{{missing[0]}}}}}")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    if text.endswith("\n"):
+        text = text[:-1]
+    system = None
+    if name.endswith(".chat.txt"):
+        parts = _SECTION.split(text)
+        # parts = [before, role, content, role, content, ...]
+        if parts[0].strip() or len(parts) == 1:
+            raise UserError(
+                f"{source}: a chat template needs a [user] section (and optionally [system] first)"
+            )
+        sections = {parts[i]: parts[i + 1].strip("\n") for i in range(1, len(parts), 2)}
+        if "user" not in sections:
+            raise UserError(f"{source}: a chat template needs a [user] section")
+        system, text = sections.get("system"), sections["user"]
+    return Template(name, source, system, text, digest)

@@ -1,0 +1,399 @@
+"""A scripted teacher for `FakeOpenAI`: plausible answers to every generate prompt, deterministic per request.
+
+`PipelineResponder()` recognises which stage a request comes from (bootstrap, Alpaca, classification, instance
+generation; chat or raw completion) and answers in the shape a real model would: JSON when the request carries
+a `response_format`, otherwise text — optionally in the messy variants real chat models produce (preambles,
+"Task 1:", bullets, bold, code fences). Instructions come from a combinatorial grammar, so most of them are
+novel under the ROUGE-L filter while a realistic share is too similar, too short or blacklisted. Answers depend
+only on the request body and the responder seed, so a run at concurrency 1 is reproducible end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+
+from selfinstruct.testing.fake_openai import Reply
+
+VERBS = "Write Draft Compose Create Outline Summarize Explain Describe Suggest Propose Plan Design Compare Evaluate".split()
+DOCS = (
+    "short story,limerick,news headline,product review,cover letter,packing list,weekly meal plan,study guide,"
+    "job posting,sales pitch,dialogue,riddle,speech opening,tweet,thank-you note,complaint letter,recipe,"
+    "workout routine,travel itinerary,lesson plan,quiz,press release,FAQ entry,podcast intro,slogan"
+).split(",")
+SUBJECTS = (
+    "volcanoes,beekeeping,castles,computing,baking,fish,tax returns,remote work,scooters,chess openings,Rome,"
+    "glaciers,houseplants,libraries,jazz,climate policy,bird migration,cars,board games,coral reefs,first aid,"
+    "solar panels,marathons,coffee,origami,wind turbines,language learning,black holes,street food,sleep,"
+    "credit scores,rock climbing,tea,space tourism,composting,fermentation,lighthouses,deserts,cybersecurity,"
+    "knitting,kite surfing,recycling,the printing press,honeybees,dinosaurs,energy,typography,retirement savings,"
+    "shipping,wildfires,archery,penguins,minimalism,bicycles,earthquakes,elections,vaccines,museums,podcasts,"
+    "gardening,photography,inflation,rivers,robots,spreadsheets,poetry,opera,vegetarian cooking,job interviews"
+).split(",")
+QUALIFIERS = (
+    "urban,medieval,modern,ancient,local,global,small-scale,industrial,amateur,professional,digital,rural,"
+    "seasonal,sustainable,affordable,Scandinavian,Japanese,Brazilian,underwater,high-altitude,family,student"
+).split(",")
+AUDIENCES = (
+    "a ten-year-old,a busy parent,a retired engineer,first-year students,a skeptical investor,a new employee,"
+    "a tourist,a nurse on night shifts,a small bakery owner,a high school teacher,a software developer,a farmer"
+).split(",")
+TONES = "formal,playful,persuasive,neutral,enthusiastic,concise,friendly,sarcastic,poetic,academic".split(",")
+LANGS = "French,Spanish,German,Italian,Portuguese,Dutch,Swedish,Polish".split(",")
+CODE = "Python,JavaScript,Go,Rust,SQL,Java,Ruby,C".split(",")
+CODE_TASKS = (
+    "reverses the words in a sentence,checks whether a string is a palindrome,merges two sorted lists,"
+    "counts the vowels in a text,finds the second largest number in a list,removes duplicate lines,"
+    "converts Celsius to Fahrenheit,validates an email address,computes a running average,groups items by key"
+).split(",")
+NUMBERS = "two three four five six seven".split()
+
+TEMPLATES = [
+    "{verb} a {doc} about {topic} for {audience}.",
+    "{verb} a {tone} {doc} that mentions {topic} and {topic2}.",
+    "Explain {topic} to {audience} in {n} sentences.",
+    "List {n} surprising facts about {topic} that {audience} would enjoy.",
+    "Give {n} tips for {audience} who wants to get started with {topic}.",
+    "Rewrite the following paragraph about {topic} in a {tone} tone.",
+    "Translate the following sentence about {topic} into {lang}.",
+    "Write a {code} function that {code_task}.",
+    "Compare {topic} and {topic2} in terms of cost, risk and benefits.",
+    "Classify the sentiment of the following review about {topic} as positive or negative.",
+    "Decide whether the following statement about {topic} is true or false.",
+    "Summarize the following article on {topic} in {n} bullet points.",
+    "Extract all the dates mentioned in the following text about {topic}.",
+    "What are the main arguments for and against {topic}?",
+    "Plan a {n}-day {doc} around {topic} for {audience}.",
+    "Brainstorm {n} names for a startup that works on {topic}.",
+    "Answer the following question about {topic} in one {tone} paragraph.",
+    "Is the following email about {topic} spam or not spam?",
+]
+# What real models also produce now and then, and the filters must catch.
+BAD = [
+    "Plot a graph of {topic}.",  # blacklist
+    "Write a program that {code_task}.",  # "Write a program"
+    "Describe {topic}.",  # too short
+    "- {verb} something.",  # punctuation first
+    "Draw a picture of {topic}.",  # blacklist
+]
+
+_NUMBER = re.compile(r"^\s*\d+\s*\.\s*(.*)$")
+
+
+CLAUSES = [
+    "",
+    "",
+    "",
+    " Keep it under {k} words.",
+    " Use a {tone} tone.",
+    " Mention at least one example from {topic2}.",
+    " Avoid technical jargon.",
+    " End with a question for {audience}.",
+    " Format the answer as a numbered list.",
+    " Include a short title.",
+]
+
+
+def _topic(rng: random.Random) -> str:
+    return f"{rng.choice(QUALIFIERS)} {rng.choice(SUBJECTS)}" if rng.random() < 0.6 else rng.choice(SUBJECTS)
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    template += rng.choice(CLAUSES)
+    topic, topic2 = _topic(rng), _topic(rng)
+    return template.format(
+        verb=rng.choice(VERBS),
+        doc=rng.choice(DOCS),
+        topic=topic,
+        topic2=topic2,
+        audience=rng.choice(AUDIENCES),
+        tone=rng.choice(TONES),
+        lang=rng.choice(LANGS),
+        code=rng.choice(CODE),
+        code_task=rng.choice(CODE_TASKS),
+        n=rng.choice(NUMBERS),
+        k=rng.choice((30, 50, 80, 100, 150)),
+    )
+
+
+def instruction(rng: random.Random, bad_rate: float = 0.1) -> str:
+    """One instruction-like sentence; a share `bad_rate` is of a kind the heuristic filters reject."""
+    if rng.random() < bad_rate:
+        return _fill(rng.choice(BAD), rng)
+    return _fill(rng.choice(TEMPLATES), rng)
+
+
+def _sentence(rng: random.Random) -> str:
+    topic, topic2 = _topic(rng), _topic(rng)
+    return rng.choice(
+        [
+            f"Last week our team finally looked into {topic}, and the results surprised everyone involved.",
+            f"Many people confuse {topic} with {topic2}, but the two have little in common.",
+            f"I tried {topic} for a month and would not recommend it to anyone without patience.",
+            f"The report on {topic} was published on 3 May 2021 and revised on 12 June 2022.",
+        ]
+    )
+
+
+class PipelineResponder:
+    """Callable for `FakeOpenAI(responder=...)`.
+
+    `messy`: answer chat prompts without `response_format` in varied list formats (else clean JSON).
+    `garbage_rate` / `truncate_rate`: share of answers that are unreadable / cut off with finish_reason length.
+    `instructions`: the instruction generator (e.g. a richer one for benchmarks).
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        messy: bool = False,
+        garbage_rate: float = 0.0,
+        truncate_rate: float = 0.0,
+        instructions: Callable[[random.Random], str] = instruction,
+    ):
+        self.seed, self.messy = seed, messy
+        self.garbage_rate, self.truncate_rate = garbage_rate, truncate_rate
+        self.instruction = instructions
+
+    def __call__(self, request: dict[str, Any]) -> str | Reply:
+        chat = "messages" in request
+        text = "\n".join(m["content"] for m in request["messages"]) if chat else request.get("prompt", "")
+        digest = hashlib.sha256(f"{self.seed}:{request.get('seed')}:{text}".encode()).digest()
+        rng = random.Random(digest)
+        if rng.random() < self.garbage_rate:
+            return "".join(rng.choice("#$%&*@!?~^ ,.;:{}[]0123456789") for _ in range(120))
+        structured = "response_format" in request
+        answer = self._answer(text, chat, structured, request, rng)
+        if rng.random() < self.truncate_rate:
+            return Reply(text=answer[: max(1, len(answer) * 2 // 3)], finish_reason="length")
+        return answer
+
+    # -- stage detection ------------------------------------------------------------------------------
+    def _answer(
+        self, text: str, chat: bool, structured: bool, request: dict[str, Any], rng: random.Random
+    ) -> str:
+        if chat:
+            if '"instructions"' in text:
+                return self._bootstrap_chat(text, structured, rng)
+            if '"tasks"' in text:
+                return self._alpaca_chat(text, structured, rng)
+            if '"is_classification"' in text:
+                return self._classify(text, structured)
+            if '"label"' in text:
+                return self._instances(rng, output_first=True, json_=structured or not self.messy)
+            return self._instances(rng, output_first=False, json_=structured or not self.messy)
+        stripped = text.rstrip()
+        if stripped.endswith("Instruction:"):
+            return self._alpaca_completion(text, request, rng)
+        if stripped.endswith("Classification:"):
+            return " " + self._classify(text, False)
+        if re.search(r"\n\d+\.$", stripped):
+            return self._bootstrap_completion(stripped, request, rng)
+        output_first = "Class label:" in text.split("Task:")[-2] if text.count("Task:") > 1 else False
+        return "\n" + self._instances(rng, output_first=output_first, json_=False)
+
+    # -- bootstrap ------------------------------------------------------------------------------------
+    def _bootstrap_chat(self, text: str, structured: bool, rng: random.Random) -> str:
+        m = re.search(r"Write (\d+) new tasks", text)
+        items = [self.instruction(rng) for _ in range(int(m.group(1)) if m else 7)]
+        if structured or not self.messy:
+            return json.dumps({"instructions": items})
+        style = rng.randrange(6)
+        if style == 0:
+            return "```json\n" + json.dumps({"instructions": items}, indent=2) + "\n```"
+        if style == 1:
+            return "Here are some new tasks:\n\n" + "\n".join(f"{k}. {t}" for k, t in enumerate(items, 1))
+        if style == 2:
+            return (
+                "\n".join(f"Task {k}: {t}" for k, t in enumerate(items, 1))
+                + "\n\nLet me know if you need more!"
+            )
+        if style == 3:
+            return "\n".join(f"- {t}" for t in items)
+        if style == 4:
+            return "\n".join(f"**{k}.** {t}" for k, t in enumerate(items, 1))
+        return "\n".join(f"{k}) {t}" for k, t in enumerate(items, 1))
+
+    def _bootstrap_completion(self, prompt: str, request: dict[str, Any], rng: random.Random) -> str:
+        start = int(re.search(r"(\d+)\.$", prompt).group(1))
+        end = _stop_number(request, default=start + 7)
+        lines = [" " + self.instruction(rng)]
+        lines += [f"{k}. {self.instruction(rng)}" for k in range(start + 1, end)]
+        return "\n".join(lines)
+
+    # -- Alpaca ---------------------------------------------------------------------------------------
+    def _task(self, rng: random.Random) -> dict[str, str]:
+        inst = self.instruction(rng)
+        needs_input = "following" in inst
+        return {
+            "instruction": inst,
+            "input": _sentence(rng) if needs_input else "",
+            "output": " ".join(_sentence(rng) for _ in range(rng.randint(1, 3))),
+        }
+
+    def _alpaca_chat(self, text: str, structured: bool, rng: random.Random) -> str:
+        m = re.search(r"write (\d+) diverse tasks", text)
+        tasks = [self._task(rng) for _ in range(int(m.group(1)) if m else 20)]
+        if structured or not self.messy:
+            return json.dumps({"tasks": tasks})
+        return "\n###\n".join(
+            f"{k}. Instruction: {t['instruction']}\n{k}. Input:\n{t['input'] or '<noinput>'}\n{k}. Output:\n{t['output']}"
+            for k, t in enumerate(tasks, 1)
+        )
+
+    def _alpaca_completion(self, prompt: str, request: dict[str, Any], rng: random.Random) -> str:
+        start = int(re.search(r"(\d+)\. Instruction:\s*$", prompt).group(1))
+        end = _stop_number(request, default=start + 17)
+        parts = []
+        for k in range(start, end):
+            t = self._task(rng)
+            head = f" {t['instruction']}" if k == start else f"{k}. Instruction: {t['instruction']}"
+            parts.append(f"{head}\n{k}. Input:\n{t['input'] or '<noinput>'}\n{k}. Output:\n{t['output']}")
+        return "\n###\n".join(parts)
+
+    # -- classification and instances -----------------------------------------------------------------
+    def _classify(self, text: str, structured: bool) -> str:
+        task = text.rsplit("Task:", 1)[-1].lower()
+        yes = any(w in task for w in ("classify", "true or false", "spam", "sentiment"))
+        return json.dumps({"is_classification": yes}) if structured else ("Yes" if yes else "No")
+
+    def _instances(self, rng: random.Random, output_first: bool, json_: bool) -> str:
+        n = rng.randint(1, 5)
+        if output_first:
+            labels = ["Positive", "Negative", "True", "False", "Spam", "Not spam"]
+            items = [{"label": rng.choice(labels), "input": _sentence(rng)} for _ in range(n)]
+            if json_:
+                return json.dumps({"instances": items})
+            return "\n\n".join(f"Class label: {i['label']}\nInput: {i['input']}" for i in items)
+        items = [
+            {"input": _sentence(rng) if rng.random() < 0.5 else "", "output": _sentence(rng)}
+            for _ in range(n)
+        ]
+        if json_:
+            return json.dumps({"instances": items})
+        blocks = []
+        for k, i in enumerate(items, 1):
+            inp = f"Input: {i['input']}\n" if i["input"] else ""
+            blocks.append(f"Example {k}\n{inp}Output: {i['output']}")
+        return "\n\n".join(blocks)
+
+
+def _stop_number(request: dict[str, Any], default: int) -> int:
+    """The list item the request's stop sequences end at (e.g. "\\n16" -> 16): the fake server does not stop."""
+    for stop in request.get("stop") or []:
+        m = re.fullmatch(r"\n(\d+)", stop)
+        if m:
+            return int(m.group(1))
+    return default
+
+
+SMALL_SEEDS = [
+    ("Suggest a name for a cat that loves to sleep in boxes.", "", "Boxer", False),
+    (
+        "Explain why the sky looks blue during the day.",
+        "",
+        "Air scatters blue sunlight more than red light.",
+        False,
+    ),
+    (
+        "Summarize the paragraph in one sentence.",
+        "The town council met on Monday and voted to repair the old bridge before winter.",
+        "The council voted to fix the bridge before winter.",
+        False,
+    ),
+    ("Convert the temperature from Celsius to Fahrenheit.", "25 °C", "77 °F", False),
+    (
+        "Give two reasons to learn a second language as an adult.",
+        "",
+        "It keeps the mind sharp and opens doors when travelling.",
+        False,
+    ),
+    (
+        "Rewrite the sentence in the passive voice.",
+        "The chef cooked a wonderful dinner.",
+        "A wonderful dinner was cooked by the chef.",
+        False,
+    ),
+    (
+        "Create a short packing checklist for a weekend camping trip.",
+        "",
+        "Tent, sleeping bag, water filter, headlamp, snacks.",
+        False,
+    ),
+    ("Find the largest number in the list.", "3, 17, 8, 12", "17", False),
+    (
+        "Describe the taste of a ripe mango to someone who never had one.",
+        "",
+        "Sweet, juicy and a little floral, like peach and pineapple together.",
+        False,
+    ),
+    (
+        "Correct the grammar mistakes in the sentence.",
+        "She don't like apples.",
+        "She doesn't like apples.",
+        False,
+    ),
+    (
+        "Propose a weekly schedule for practicing guitar thirty minutes a day.",
+        "",
+        "Mon chords, Tue scales, Wed songs, Thu rhythm, Fri improvisation.",
+        False,
+    ),
+    ("Answer the trivia question with a single word.", "What is the capital of Japan?", "Tokyo", False),
+    (
+        "Outline the steps to brew a cup of pour-over coffee.",
+        "",
+        "Heat water, grind beans, rinse filter, bloom, pour slowly, serve.",
+        False,
+    ),
+    (
+        "Turn the list of ingredients into a one-line shopping note.",
+        "eggs, milk, flour, butter",
+        "Buy eggs, milk, flour and butter.",
+        False,
+    ),
+    (
+        "Recommend a board game for four friends who like strategy.",
+        "",
+        "Try Catan: trading, building and just enough luck.",
+        False,
+    ),
+    ("Calculate the total price of three books at twelve dollars each.", "", "36 dollars", False),
+    (
+        "Classify the movie review as Positive or Negative.",
+        "The plot dragged and the jokes fell flat.",
+        "Negative",
+        True,
+    ),
+    ("Decide whether the email is Spam or Not spam.", "You have won a free cruise! Click now.", "Spam", True),
+    ("Label the animal as Mammal, Bird or Reptile.", "Penguin", "Bird", True),
+    ("Is the statement a Fact or an Opinion?", "Chocolate ice cream is the best flavor.", "Opinion", True),
+    ("Tell whether the number is Even or Odd.", "41", "Odd", True),
+    ("Identify the language of the greeting: English, Spanish or German.", "Guten Morgen", "German", True),
+    (
+        "Rate the urgency of the support ticket as Low, Medium or High.",
+        "The whole website is down for all customers.",
+        "High",
+        True,
+    ),
+    ("Determine if the sentence is a Question or a Statement.", "Are we there yet", "Question", True),
+]
+
+
+def small_seed_tasks() -> list[dict[str, Any]]:
+    """24 hand-written seed tasks (8 classification) in the self-instruct seed format, for tests and benchmarks."""
+    return [
+        {
+            "id": f"seed_{k}",
+            "name": f"seed_{k}",
+            "instruction": instruction,
+            "instances": [{"input": input_, "output": output}],
+            "is_classification": is_clf,
+        }
+        for k, (instruction, input_, output, is_clf) in enumerate(SMALL_SEEDS)
+    ]
