@@ -33,7 +33,7 @@ from selfinstruct.generate import GenerateConfig, run_generate
 from selfinstruct.parsing import instructions_schema
 from selfinstruct.prompts import Prompts
 from selfinstruct.teachers import Sampling, TeacherConfig, TeacherRequest, make_teacher
-from selfinstruct.testing import FakeOpenAI, fake_openai
+from selfinstruct.testing import FakeOpenAI
 from selfinstruct.testing.responders import PipelineResponder
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,9 +42,6 @@ from bench_filter import InstructionMaker
 
 def serve(latency: float, conn) -> None:
     """Run the fake teacher until the parent closes the pipe."""
-    # Python's http.server sends headers and body in two writes; with Nagle's algorithm on, the body waits
-    # for the client's delayed ACK (~40 ms per request). Real servers (uvicorn, nginx) set TCP_NODELAY.
-    fake_openai._Handler.disable_nagle_algorithm = True
     maker = InstructionMaker(seed=99)
     responder = PipelineResponder(seed=1, instructions=lambda rng: maker.instruction())
     with FakeOpenAI(responder=responder, latency=latency) as server:

@@ -173,6 +173,18 @@ def test_frequent_keys_as_mask_bits_stay_exact(top_k, mean):
     assert (ours[0].mean_f is None) is not mean
 
 
+def test_many_keys_reaching_the_promotion_threshold_at_once():
+    """Regression: 100 keys qualify for the 64 mask bits in one `add`; the extra ones must stay postings."""
+    words = [f"w{i}" for i in range(100)]
+    pool = [" ".join(words), " ".join(reversed(words)), "w1 w2 w3 other words here"]
+    index = NoveltyIndex(top_k=3)
+    index.frequent_df = 2
+    index.add(pool)
+    assert len(index._bits) == 64
+    cands = [" ".join(words[:60]), "w99 w98 w97 w5 w4 fresh", "completely unrelated text"]
+    assert_same(index.query(cands), reference_run(pool, cands, 0.7, top_k=3))
+
+
 def test_kept_candidates_join_the_pool_within_a_batch():
     index = NoveltyIndex()
     a, b = "Write a short poem about the sea.", "Write a short poem about the sea!"

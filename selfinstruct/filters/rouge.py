@@ -245,6 +245,8 @@ class NoveltyIndex:
                     promote.append(key)
         self._masks.append(mask)
         for key in promote:  # the posting becomes a bit in the masks of the texts that hold the key
+            if len(self._bits) == 64:  # several keys can qualify at once; the rest keep their postings
+                break
             bit = self._bits[key] = len(self._bits)
             masks = np.frombuffer(self._masks, dtype=np.uint64)
             masks[np.frombuffer(self._postings.pop(key), dtype=np.int32)] |= np.uint64(1 << bit)

@@ -295,6 +295,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeOpenAI
     protocol_version = "HTTP/1.1"  # keep-alive, as real providers do
+    # http.server writes headers and body separately; with Nagle's algorithm the body would wait for the
+    # client's delayed ACK (~40 ms a request). Real servers (uvicorn, nginx) set TCP_NODELAY too.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # silence per-request stderr lines
         pass
