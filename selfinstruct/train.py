@@ -1,0 +1,572 @@
+"""`selfinstruct train`: supervised fine-tuning on a corpus with TRL's `SFTTrainer` (full, LoRA or QLoRA).
+
+The loss is instruction tuning as the seeds define it: the log-likelihood of the response (and its end-of-turn
+token) given the instruction and input. Every record therefore becomes a prompt/completion pair and TRL's
+`completion_only_loss` masks the prompt tokens (label -100). The prompt is rendered with the model's own chat
+template when it has one, else with the Alpaca template (base models), whose EOS TRL appends to the completion.
+
+Packing must not let the samples that share a row attend to each other. TRL packs rows with best-fit
+decreasing and restarts `position_ids` at every sample; transformers (>= 5) turns restarted positions into a
+block-diagonal causal mask for sdpa/eager/flex attention, and varlen flash-attention kernels use the sample
+boundaries directly. TRL also flattens the whole batch into one row ("padding-free"): right for varlen kernels,
+but with sdpa/eager it multiplies the attention work by the number of rows, so there the rows stay separate
+(`PackedRowCollator`). Before training, `check_packing` runs the real model and collator on one sample packed
+after two different row-mates and alone; if its logits depend on its row-mate, training is refused instead of
+silently learning across samples.
+
+Rerunning on the same `--out` resumes from its last checkpoint (`checkpoint-N/`, written by the Trainer with
+optimizer and scheduler state). The final model or adapter, its tokenizer, the resolved config
+(`train_config.toml`) and a summary (`train_summary.json`) go to `--out`; `--merge` adds `OUT/merged`.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from selfinstruct.config import Section, save_config
+from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.records import CorpusRecord
+from selfinstruct.seeds import load_alpaca, read_json_records
+from selfinstruct.store import atomic_write_json
+
+PROMPTS = Path(__file__).parent / "prompts"
+
+
+class TrainConfig(Section):
+    """The `[train]` table and the `selfinstruct train` flags."""
+
+    data: str | None = Field(
+        None,
+        description="corpus: Alpaca JSON/JSONL, chat JSONL (messages or prompt/completion), or a run directory",
+    )
+    model: str | None = Field(None, description="base model: a local directory or a Hugging Face hub id")
+    out: str | None = Field(
+        None, description="output directory (checkpoints, final model or adapter, config)"
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto",
+        description="prompt format: the model's chat template (auto when it has one) or the Alpaca template",
+    )
+    lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
+    qlora: bool = Field(False, description="LoRA on a 4-bit NF4 base model (bitsandbytes, CUDA only)")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    lora_target_modules: list[str] = Field(
+        ["all-linear"],
+        description="modules that get adapters ('all-linear' = every linear layer but the LM head)",
+    )
+    merge: bool = Field(
+        False, description="also write the base model with the adapter merged in to OUT/merged"
+    )
+    packing: bool = Field(False, description="pack several samples per row (they never attend to each other)")
+    epochs: float = Field(3.0, gt=0, description="passes over the training set (Alpaca: 3)")
+    max_steps: int | None = Field(
+        None, gt=0, description="stop after this many optimizer steps (overrides epochs)"
+    )
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="peak learning rate; default 2e-5 for full fine-tuning (Alpaca), 2e-4 for (Q)LoRA",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warmup (Alpaca: cosine)"
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="fraction of steps for linear warmup (Alpaca: 0.03)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (Alpaca: 0)")
+    batch_size: int = Field(4, gt=0, description="samples (or packed rows) per device per step")
+    grad_accum: int = Field(
+        8, gt=0, description="gradient accumulation steps (effective batch = batch x accum x GPUs)"
+    )
+    max_length: int = Field(
+        512, gt=0, description="tokens per sample (longer ones are cut) or per packed row"
+    )
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of records held out for eval loss")
+    save_steps: int = Field(200, gt=0, description="checkpoint (and eval) every this many steps")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept in --out")
+    logging_steps: int = Field(10, gt=0, description="log train loss every this many steps")
+    seed: int = Field(42, description="seed for the eval split, shuffling and initialization")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="mixed precision: auto = bf16 on GPUs that support it, else fp32"
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations to save memory (default: on with CUDA, off on CPU)"
+    )
+    attn_implementation: str | None = Field(
+        None, description="attention kernel, e.g. sdpa, eager, flash_attention_2 (default: the model's)"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="experiment tracker (must be installed)"
+    )
+    resume: bool = Field(
+        True, description="resume from the last checkpoint in --out; --no-resume starts over"
+    )
+    trust_remote_code: bool = Field(False, description="allow models that ship their own Python code")
+
+
+@dataclass
+class TrainResult:
+    """What a run did and where it put things (also written to OUT/train_summary.json)."""
+
+    out: str
+    saved: Literal["model", "adapter"]
+    global_step: int
+    resumed_from: str | None
+    train_examples: int
+    eval_examples: int
+    train_loss: float | None
+    eval_loss: float | None
+    seconds: float
+    merged: str | None = None
+
+
+# ---------------------------------------------------------------- corpus -> prompt/completion examples
+
+
+def format_alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca training prompt; the response (then EOS) follows it directly."""
+    name = "alpaca_train_input.txt" if input.strip() else "alpaca_train_noinput.txt"
+    return (PROMPTS / name).read_text(encoding="utf-8").format(instruction=instruction, input=input)
+
+
+def user_message(record: CorpusRecord) -> str:
+    """How an Alpaca record reads as one chat turn: the instruction, then the input after a blank line."""
+    return f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
+
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+def _conversation(path: Path, line: int, obj: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """A chat record as TRL's conversational prompt/completion: everything before the last assistant turn
+    is the prompt, so the loss falls on that turn alone."""
+    if "prompt" in obj or "completion" in obj:
+        prompt, completion = obj.get("prompt"), obj.get("completion")
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise InputFileError(
+                path, line, "fields 'prompt' and 'completion' must both be lists of messages"
+            )
+        messages = prompt + completion
+    elif "conversations" in obj:  # ShareGPT
+        turns = obj["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise InputFileError(path, line, "field 'conversations' must be a list of {from, value} objects")
+        messages = [
+            {"role": _SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+            for t in turns
+        ]
+        completion = messages[-1:]
+    else:
+        messages = obj.get("messages")
+        if not isinstance(messages, list):
+            raise InputFileError(path, line, "field 'messages' must be a list of {role, content} objects")
+        completion = messages[-1:]
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InputFileError(path, line, f"bad message {m!r}: role must be system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise InputFileError(path, line, f"message of role {m['role']!r} needs a string 'content'")
+    if len(completion) != 1 or completion[0]["role"] != "assistant" or len(messages) < 2:
+        raise InputFileError(path, line, "a chat record must end with one assistant message after the prompt")
+    if not completion[0]["content"].strip():
+        raise InputFileError(path, line, "the assistant message is empty")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def load_corpus(data: str) -> tuple[Path, list[CorpusRecord] | list[dict[str, list[dict[str, str]]]]]:
+    """Alpaca records, or chat examples already in prompt/completion form; a run directory means its corpus."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+        if not path.is_file():
+            raise UserError(
+                f"{path.parent}: no corpus.jsonl in this run directory (pass a corpus file instead)"
+            )
+    rows = read_json_records(path)
+    if any(k in rows[0][1] for k in ("messages", "prompt", "completion", "conversations")):
+        return path, [_conversation(path, line, obj) for line, obj in rows]
+    records = [r for r in load_alpaca(path) if r.output.strip()]
+    if not records:
+        raise UserError(f"{path}: no record has a non-empty output: nothing to train on")
+    return path, records
+
+
+def to_examples(records: list, template: Literal["chat", "alpaca"]) -> list[dict[str, Any]]:
+    """Prompt/completion examples: chat messages (TRL applies the template) or Alpaca strings (TRL adds EOS)."""
+    if records and isinstance(records[0], dict):
+        if template == "alpaca":
+            raise UserError(
+                "--template alpaca needs Alpaca records (instruction/input/output), not chat messages"
+            )
+        return records
+    if template == "chat":
+        return [
+            {
+                "prompt": [{"role": "user", "content": user_message(r)}],
+                "completion": [{"role": "assistant", "content": r.output}],
+            }
+            for r in records
+        ]
+    return [{"prompt": format_alpaca_prompt(r.instruction, r.input), "completion": r.output} for r in records]
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random hold-out; at least one example each side when a fraction is asked for."""
+    if fraction <= 0:
+        return examples, []
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise UserError(f"--eval-fraction {fraction} leaves no training examples out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+# ---------------------------------------------------------------- packing
+
+
+class PackedRowCollator:
+    """Batch TRL-packed rows as separate rows, each with `position_ids` restarting at every sample and no
+    `attention_mask`, so transformers builds a block-diagonal causal mask per row. Padding gets position 0
+    too, which makes each pad token a sample of its own (never attended to, label -100). TRL's logged
+    `num_tokens` counts one row per batch in this layout; the loss and the gradients are unaffected."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        position_ids = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e.get("labels", e["input_ids"]))
+            position_ids[i, :n] = torch.cat([torch.arange(k) for k in e.get("seq_lengths", [n])])
+        labels[position_ids == 0] = -100  # a sample's first token is not predicted from the previous sample
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def _varlen_attention(implementation: str) -> bool:
+    """Kernels that take the flattened batch with sample boundaries (TRL's padding-free layout)."""
+    return "flash" in implementation
+
+
+def check_packing(trainer: Any, length: int = 16) -> tuple[float, float] | None:
+    """Prove on the real model and collator that packed samples are isolated, or raise `UserError`.
+
+    A sample `b` is run packed after `a`, packed after `c`, and alone. Its logits must not depend on its
+    row-mate (`leak`, compared at identical shapes, so kernels and precision match: ~0 unless attention
+    crosses samples) and must match the lone run (`drift`, loose: catches wrong positions, allows bf16
+    kernel noise). Returns (leak, drift) as relative mean differences, or None where this process holds no
+    full weights (ZeRO-3 shards).
+    """
+    import torch
+
+    model = trainer.model
+    params = list(model.parameters())
+    if any(p.device.type == "meta" or p.numel() == 0 for p in params):
+        return None
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    a, b, c = (torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(3))
+    device = params[0].device
+
+    def logits_of_b(*before: list[int]) -> Any:
+        ids = [t for s in before for t in s] + b
+        batch = trainer.data_collator(
+            [{"input_ids": ids, "labels": ids, "seq_lengths": [length] * (len(before) + 1)}]
+        )
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad(), trainer.autocast_smart_context_manager():
+            # as in training (TRL's compute_loss): a KV cache would disable the packed-sequence mask
+            return model(**batch, use_cache=False).logits[0, -length:].float()
+
+    def rel(x: Any, y: Any) -> float:
+        return ((x - y).abs().mean() / y.abs().mean().clamp(min=1e-6)).item()
+
+    was_training = model.training
+    model.eval()
+    try:
+        after_a, after_c, alone = logits_of_b(a), logits_of_b(c), logits_of_b()
+    finally:
+        model.train(was_training)
+    leak, drift = rel(after_a, after_c), rel(after_a, alone)
+    if leak > 1e-3 or drift > 0.05:  # attending across samples moves logits by ~10% or more
+        raise UserError(
+            f"packing is not safe with attention '{model.config._attn_implementation}' for this model (a packed "
+            f"sample's logits change with its row-mates by {leak:.1%}, vs alone by {drift:.1%}); train without "
+            "--packing or use --attn-implementation flash_attention_2"
+        )
+    return leak, drift
+
+
+# ---------------------------------------------------------------- model, trainer
+
+
+def _check_options(cfg: TrainConfig, cuda: bool) -> None:
+    for name in ("data", "model", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"train needs --{name}")
+    if cfg.qlora and not cuda:
+        raise UserError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit)")
+    if cfg.qlora and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("QLoRA needs the bitsandbytes package (pip install bitsandbytes)")
+    if cfg.merge and not (cfg.lora or cfg.qlora):
+        raise UserError("--merge only applies to --lora or --qlora (a full fine-tune is already merged)")
+    if cfg.precision in ("bf16", "fp16") and not cuda:
+        raise UserError(f"--precision {cfg.precision} needs a CUDA GPU; on CPU use fp32")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(
+            f"--report-to {cfg.report_to} needs the {cfg.report_to} package (pip install {cfg.report_to})"
+        )
+
+
+def _load_tokenizer(cfg: TrainConfig) -> Any:
+    """Load the tokenizer; fail fast with one line on a missing path or an unreachable hub id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = str(cfg.model)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"--model {name}: no config.json in that directory (not a transformers model)")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"--model {name}: no such directory")
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {name}: cannot load ({first})") from None
+
+
+def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool) -> TrainConfig:
+    """Fill in every 'auto' so the saved config says what actually ran."""
+    peft = cfg.lora or cfg.qlora
+    template = cfg.template
+    if template == "auto":
+        template = "chat" if tokenizer.chat_template else "alpaca"
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and bf16_ok else "fp32"
+    # Checkpointing trades ~30% more compute for memory: worth it on GPUs, not for small models on a CPU.
+    checkpointing = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    return cfg.model_copy(
+        update={
+            "lora": peft,
+            "template": template,
+            "learning_rate": cfg.learning_rate or (2e-4 if peft else 2e-5),
+            "precision": precision,
+            "gradient_checkpointing": checkpointing,
+        }
+    )
+
+
+def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
+    """Everything up to `trainer.train()`: returns (trainer, resolved config, #train, #eval examples)."""
+    import torch
+    from datasets import Dataset
+
+    cuda = torch.cuda.is_available()
+    _check_options(cfg, cuda)
+    data_path, records = load_corpus(str(cfg.data))
+    tokenizer = _load_tokenizer(cfg)
+    cfg = resolve_defaults(cfg, tokenizer, cuda, cuda and torch.cuda.is_bf16_supported())
+    train_rows, eval_rows = split_eval(to_examples(records, cfg.template), cfg.eval_fraction, cfg.seed)
+
+    from trl import SFTConfig, SFTTrainer
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    # Full fine-tuning keeps fp32 master weights under autocast; a frozen (Q)LoRA base can live in 16 bits.
+    model_kwargs: dict[str, Any] = {"dtype": dtype if cfg.lora else torch.float32}
+    if cfg.attn_implementation:
+        model_kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.trust_remote_code:
+        model_kwargs["trust_remote_code"] = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: one whole model per process
+        model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.qlora else None
+    quantization = peft_config = None
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    if cfg.lora:
+        from peft import LoraConfig
+
+        targets = cfg.lora_target_modules
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+    args = SFTConfig(
+        output_dir=str(cfg.out),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        completion_only_loss=True,
+        loss_type="nll",
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=cfg.report_to,
+        seed=cfg.seed,
+        dataloader_pin_memory=cuda,
+        model_init_kwargs=model_kwargs,
+    )
+    try:
+        trainer = SFTTrainer(
+            model=str(cfg.model),
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            quantization_config=quantization,
+        )
+    except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
+        raise UserError(f"--model {cfg.model}: cannot load ({str(e).strip().splitlines()[0]})") from None
+    if cfg.packing:
+        implementation = trainer.model.config._attn_implementation or "eager"
+        if not _varlen_attention(implementation):
+            trainer.data_collator = PackedRowCollator(tokenizer.pad_token_id)
+        check_packing(trainer)
+    if trainer.is_world_process_zero():
+        print(f"training on {len(train_rows)} examples from {data_path} ({len(eval_rows)} held out for eval)")
+    return trainer, cfg, len(train_rows), len(eval_rows)
+
+
+# ---------------------------------------------------------------- run
+
+
+def _last_checkpoint(out: Path, resume: bool, main: bool) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not out.is_dir():
+        return None
+    if resume:
+        return get_last_checkpoint(str(out))
+    if main:  # --no-resume: stale checkpoints would be picked up by a later resume
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    return None
+
+
+def merge_adapter(cfg: TrainConfig, out: Path) -> Path:
+    """Reload the base in the training precision (dequantized for QLoRA), fold the adapter in, save."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    base = AutoModelForCausalLM.from_pretrained(
+        str(cfg.model), dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    target = out / "merged"
+    merged.save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(out)).save_pretrained(target)
+    return target
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train, save and (for LoRA with --merge) merge; see the module docstring for what lands where."""
+    started = time.perf_counter()
+    trainer, cfg, n_train, n_eval = build_trainer(cfg)
+    out = Path(str(cfg.out))
+    main = trainer.is_world_process_zero()
+    checkpoint = _last_checkpoint(out, cfg.resume, main)
+    if checkpoint and main:
+        print(f"resuming from {checkpoint}")
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_loss = trainer.evaluate()["eval_loss"] if n_eval else None
+    trainer.save_model(str(out))
+    result = TrainResult(
+        out=str(out),
+        saved="adapter" if cfg.lora else "model",
+        global_step=trainer.state.global_step,
+        resumed_from=checkpoint,
+        train_examples=n_train,
+        eval_examples=n_eval,
+        train_loss=_last_logged(trainer, "loss") or output.training_loss,
+        eval_loss=eval_loss,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    if main:
+        save_config("train", cfg, out / "train_config.toml")
+        if cfg.merge:
+            del trainer, output
+            gc.collect()
+            result.merged = str(merge_adapter(cfg, out))
+        atomic_write_json(out / "train_summary.json", asdict(result))
+    return result
+
+
+def _last_logged(trainer: Any, key: str) -> float | None:
+    """The most recent logged value (the run's average `training_loss` hides where it ended)."""
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[-1] if values else None
+
+
+def run_train(cfg: TrainConfig) -> int:
+    """CLI entry: train, then print a short summary on the main process."""
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = (
+            f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no train loss logged"
+        )
+        if result.eval_loss is not None:
+            losses += f" · eval loss {result.eval_loss:.4f}"
+        resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+        print(f"trained to step {result.global_step}{resumed} in {result.seconds:.0f} s · {losses}")
+        print(f"saved {result.saved} + tokenizer + train_config.toml to {result.out}")
+        if result.merged:
+            print(f"merged model: {result.merged}")
+    return 0
