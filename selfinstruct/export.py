@@ -128,17 +128,12 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- records -> rows
 
 
-def user_message(record: CorpusRecord) -> str:
-    """The user turn of a chat format: the instruction, then a blank line and the input when there is one."""
-    return f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
-
-
 def to_row(record: CorpusRecord, fmt: str, *, system: str | None = None, keep_meta: bool = False) -> dict:
     """One output row of `fmt` (`parquet` rows are the Alpaca rows, with `meta` as a JSON string)."""
     if fmt == "messages":
         system_turn = [{"role": "system", "content": system}] if system else []
         row: dict[str, Any] = {
-            "prompt": [*system_turn, {"role": "user", "content": user_message(record)}],
+            "prompt": [*system_turn, {"role": "user", "content": record.user_message()}],
             "completion": [{"role": "assistant", "content": record.output}],
         }
     elif fmt == "sharegpt":
@@ -146,7 +141,7 @@ def to_row(record: CorpusRecord, fmt: str, *, system: str | None = None, keep_me
         row = {
             "conversations": [
                 *system_turn,
-                {"from": "human", "value": user_message(record)},
+                {"from": "human", "value": record.user_message()},
                 {"from": "gpt", "value": record.output},
             ]
         }

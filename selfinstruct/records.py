@@ -91,6 +91,13 @@ class CorpusRecord:
             d.pop("meta")
         return d
 
+    def user_message(self) -> str:
+        """The record as one chat user turn: the instruction, then a blank line and the input when there is one.
+
+        Training, evaluation and the chat exports must all agree on this, so it lives with the record.
+        """
+        return f"{self.instruction}\n\n{self.input}" if self.input.strip() else self.instruction
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CorpusRecord:
         return cls(

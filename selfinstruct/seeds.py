@@ -210,8 +210,13 @@ def seed_corpus(tasks: list[SeedTask]) -> list[CorpusRecord]:
     ]
 
 
-def load_corpus_any(path: str | Path) -> list[CorpusRecord]:
-    """Corpus records from Alpaca JSON/JSONL or from a seed JSONL (each seed instance becomes a record)."""
+def load_corpus_any(
+    path: str | Path, records: list[tuple[int, dict[str, Any]]] | None = None
+) -> list[CorpusRecord]:
+    """Corpus records from Alpaca JSON/JSONL or from a seed JSONL (each seed instance becomes a record).
+
+    `records` are the file's already-read `read_json_records`, for callers that looked at them first.
+    """
     p = Path(path)
-    records = read_json_records(p)
+    records = records if records is not None else read_json_records(p)
     return seed_corpus(_seed_tasks(p, records)) if is_seed_format(records[0][1]) else _alpaca(p, records)

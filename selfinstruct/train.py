@@ -36,7 +36,7 @@ from pydantic import Field
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_alpaca, read_json_records
+from selfinstruct.seeds import load_corpus_any, read_json_records
 from selfinstruct.store import atomic_write_json
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -141,11 +141,6 @@ def format_alpaca_prompt(instruction: str, input: str = "") -> str:
     return (PROMPTS / name).read_text(encoding="utf-8").format(instruction=instruction, input=input)
 
 
-def user_message(record: CorpusRecord) -> str:
-    """How an Alpaca record reads as one chat turn: the instruction, then the input after a blank line."""
-    return f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
-
-
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -193,7 +188,8 @@ def _conversation(path: Path, line: int, obj: dict[str, Any]) -> dict[str, list[
 
 
 def load_corpus(data: str) -> tuple[Path, list[CorpusRecord] | list[dict[str, list[dict[str, str]]]]]:
-    """Alpaca records, or chat examples already in prompt/completion form; a run directory means its corpus."""
+    """Alpaca records (a seed file's instances count too), or chat examples already in prompt/completion form;
+    a run directory means its corpus."""
     path = Path(data).expanduser()
     if path.is_dir():
         path = path / "corpus.jsonl"
@@ -204,7 +200,7 @@ def load_corpus(data: str) -> tuple[Path, list[CorpusRecord] | list[dict[str, li
     rows = read_json_records(path)
     if any(k in rows[0][1] for k in ("messages", "prompt", "completion", "conversations")):
         return path, [_conversation(path, line, obj) for line, obj in rows]
-    records = [r for r in load_alpaca(path) if r.output.strip()]
+    records = [r for r in load_corpus_any(path, rows) if r.output.strip()]
     if not records:
         raise UserError(f"{path}: no record has a non-empty output: nothing to train on")
     return path, records
@@ -221,7 +217,7 @@ def to_examples(records: list, template: Literal["chat", "alpaca"]) -> list[dict
     if template == "chat":
         return [
             {
-                "prompt": [{"role": "user", "content": user_message(r)}],
+                "prompt": [{"role": "user", "content": r.user_message()}],
                 "completion": [{"role": "assistant", "content": r.output}],
             }
             for r in records

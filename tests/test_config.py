@@ -15,7 +15,7 @@ from selfinstruct.errors import UserError
 class Inner(Section):
     backend: Literal["openai", "vllm"] = Field("openai", json_schema_extra={"flag": "--teacher"})
     model: str = "m0"
-    base_url: list[str] = []
+    base_url: list[str] = Field(default_factory=list)
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 32
     note: str = Field("", json_schema_extra={"flag": None})

@@ -12,7 +12,7 @@ import pytest
 
 from selfinstruct.records import CorpusRecord
 from selfinstruct.tinymodel import build_tiny_model
-from selfinstruct.train import TrainConfig, train, user_message
+from selfinstruct.train import TrainConfig, train
 
 WORDS = "red blue green black white pink gray gold cyan navy".split()
 NUMBERS = "zero one two three four five six seven eight nine".split()
@@ -55,7 +55,7 @@ def accuracy(model_dir: Path, records: list[CorpusRecord]) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompts = [
         tok.apply_chat_template(
-            [{"role": "user", "content": user_message(r)}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": r.user_message()}], add_generation_prompt=True, tokenize=False
         )
         for r in records
     ]
