@@ -3,7 +3,9 @@ model prompts, messy and faulty answers, budget caps, resume, reproducibility, a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import subprocess
 import sys
 import uuid
@@ -15,8 +17,10 @@ import pytest
 from selfinstruct.config import load_toml, resolve
 from selfinstruct.errors import UserError
 from selfinstruct.generate import GenerateConfig, run_generate
+from selfinstruct.pipeline.runner import drive
 from selfinstruct.records import InstructionRecord
 from selfinstruct.teachers import TeacherConfig
+from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, TeacherStats
 from selfinstruct.testing import FakeOpenAI, Reply
 from selfinstruct.testing.responders import PipelineResponder, small_seed_tasks
 
@@ -407,3 +411,47 @@ def test_a_teacher_that_repeats_itself_runs_out_of_patience(seeds, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stages"]["bootstrap"]["stopped"] == "no_progress" and summary["kept"] == 0
     assert summary["rejected_by_reason"]["duplicate"] >= 10
+
+
+class _CountsEarly(Teacher):
+    """A teacher that, like the HTTP backend, counts a request a moment before its call returns."""
+
+    model, concurrency = "early", 4
+
+    def __init__(self) -> None:
+        self.stats = TeacherStats()
+
+    async def generate(self, requests):
+        await asyncio.sleep(0.001 * random.random())
+        self.stats.requests += len(requests)
+        await asyncio.sleep(0.002 * random.random())  # the gap: counted, but the call has not finished
+        return [TeacherResponse(r, [Choice("x", "stop")]) for r in requests]
+
+
+class _Source:
+    """Caps requests the way the run budget does: requests the teacher has counted + requests in flight."""
+
+    def __init__(self, teacher: Teacher, cap: int):
+        self.teacher, self.cap, self.sent, self.stopped = teacher, cap, 0, False
+
+    def next_call(self, in_flight: int):
+        self.stopped = (
+            self.stopped or self.teacher.stats.requests + in_flight >= self.cap
+        )  # a cap, once hit, holds
+        if self.stopped:
+            return None
+        self.sent += 1
+        return [TeacherRequest(prompt="p")]
+
+    def handle(self, responses):
+        pass
+
+
+def test_drive_reports_exact_in_flight_so_request_caps_are_exact():
+    """Regression: a call counted by the teacher before its future finished was once counted twice."""
+    for trial in range(20):
+        random.seed(trial)
+        teacher = _CountsEarly()
+        source = _Source(teacher, cap=25)
+        assert asyncio.run(drive(teacher, source, slots=4, stop=asyncio.Event()))
+        assert teacher.stats.requests == source.sent == 25

@@ -199,8 +199,11 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
     and their answers dropped; answers already received are handled first.
     """
     finished: asyncio.Queue[asyncio.Future[list[TeacherResponse]] | None] = asyncio.Queue()
-    pending: dict[asyncio.Future[list[TeacherResponse]], int] = {}  # call -> number of requests
-    in_flight = 0
+    pending: set[asyncio.Future[list[TeacherResponse]]] = set()
+    # Requests sent and not yet counted by the teacher. Derived from the teacher's own count rather than from
+    # the queue of finished calls: a call can be counted in `teacher.stats` a moment before its future reaches
+    # the queue, and counting it twice would stop a `--max-requests` budget one request early.
+    sent, counted_before = 0, teacher.stats.requests
 
     async def wait_for_stop() -> None:
         await stop.wait()
@@ -210,13 +213,13 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
     try:
         while True:
             while len(pending) < slots and not stop.is_set():
-                batch = source.next_call(in_flight)
+                batch = source.next_call(max(0, sent - (teacher.stats.requests - counted_before)))
                 if not batch:
                     break
                 call = asyncio.ensure_future(teacher.generate(batch))
                 call.add_done_callback(finished.put_nowait)
-                pending[call] = len(batch)
-                in_flight += len(batch)
+                pending.add(call)
+                sent += len(batch)
             if not pending:
                 return not stop.is_set()
             done = [await finished.get()]
@@ -225,7 +228,7 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
             for call in done:
                 if call is None:
                     continue
-                in_flight -= pending.pop(call)
+                pending.discard(call)
                 source.handle(call.result())  # a UserError (every endpoint failing) ends the run
             if stop.is_set():
                 return False
