@@ -84,20 +84,11 @@ def _tiny_teacher(work: Path, seeds: Path, log: Path) -> Path:
 
     tasks = load_seed_tasks(seeds)
     texts = [t for task in tasks for i in task.instances for t in (task.instruction, i.input, i.output) if t]
-    build_tiny_model(
-        work / "tiny-init",
-        texts,
-        vocab_size=2048,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=512,
-    )
+    build_tiny_model(work / "tiny-init", texts, vocab_size=2048)
     _run(
-        "Teach the tiny teacher the seed tasks (full fine-tune, a few seconds)",
+        "Teach the tiny teacher the seed tasks (full fine-tune, under a minute)",
         ["train", "--data", str(work / "seeds-corpus.jsonl"), "--model", str(work / "tiny-init"), "--out", str(work / "tiny-teacher"),
-         "--epochs", "12", "--learning-rate", "2e-3", "--batch-size", "16", "--grad-accum", "1", "--max-length", "256",
+         "--epochs", "8", "--learning-rate", "3e-3", "--batch-size", "16", "--grad-accum", "1", "--max-length", "256",
          "--logging-steps", "20", "--save-steps", "100000"],
         log,
     )  # fmt: skip
@@ -108,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m selfinstruct.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="demo directory (default: outputs/demo-<time>)")
     parser.add_argument("--seeds", default="seeds/seed_tasks.jsonl")
-    parser.add_argument("--num-instructions", type=int, default=40)
-    parser.add_argument("--max-requests", type=int, default=120)
+    parser.add_argument("--num-instructions", type=int, default=20)
+    parser.add_argument(
+        "--max-requests", type=int, default=400, help="budget cap, a safety net for slow machines"
+    )
     parser.add_argument("--train-steps", type=int, default=30)
     args = parser.parse_args(argv)
 
@@ -143,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if not _has_cuda():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         engine += ["--enforce-eager", "--teacher-dtype", "float32"]
-    if tiny:  # random-ish weights fill JSON with whitespace; forbid it so structured answers end
+    tiny_json: list[str] = []
+    if tiny:  # a weak model fills JSON with whitespace and endless strings: forbid the one, cap the other
         engine += [
             "--engine-args",
             '{"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": true}}',
         ]
+        tiny_json = ["--schema-max-chars", "300"]
 
     split, run = work / "split", work / "run"
     _run("Split the seed tasks: held-out categories stay unseen",
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     _run("Generate a corpus (Self-Instruct pipeline, in-process vLLM teacher, structured output)",
          ["generate", str(split / "train.jsonl"), "--out", str(run), "--model", str(model), *engine, "--structured-output",
           "--num-instructions", str(args.num_instructions), "--max-requests", str(args.max_requests), "--include-seeds",
-          "--seed", "0"], log)  # fmt: skip
+          "--seed", "0", *tiny_json], log)  # fmt: skip
     _run("Re-filter the corpus against the seeds (the `filter` command on any corpus)",
          ["filter", str(run / "corpus.jsonl"), "--pool", str(seeds), "--out", str(work / "filtered")], log)  # fmt: skip
     _run("Export for TRL (chat prompt/completion) with a dataset card",

@@ -106,6 +106,11 @@ class GenerateConfig(Section):
     alpaca_max_tokens: int | None = _opt("alpaca max tokens (3072)", ge=1)
     # instances and corpus
     max_instances: int = Field(5, ge=1, description="instances per task")
+    schema_max_chars: int | None = _opt(
+        "structured output: longest string allowed in the JSON answers (maxLength; vLLM honours it, OpenAI's "
+        "strict mode rejects it)",
+        ge=1,
+    )
     include_seeds: bool = Field(False, description="also put the seed tasks into corpus.jsonl")
     # budget and stopping
     max_requests: int | None = _opt("stop after this many teacher requests (whole run, all sessions)", ge=1)

@@ -24,27 +24,31 @@ from selfinstruct.records import Instance
 # ---------------------------------------------------------------- JSON schemas (one per stage)
 
 # The subset of JSON Schema that OpenAI's strict mode, vLLM (xgrammar) and most providers accept: every key
-# required, no additional properties, no string-length keywords (OpenAI rejects minLength/maxLength).
-_TEXT = {"type": "string"}
+# required, no additional properties, and string lengths only on request (OpenAI rejects maxLength; local
+# engines honour it, which stops a weak model from spending all of max_tokens inside one string).
 
 
-def instructions_schema(max_items: int) -> dict[str, Any]:
+def _text(max_chars: int | None) -> dict[str, Any]:
+    return {"type": "string"} if max_chars is None else {"type": "string", "maxLength": max_chars}
+
+
+def instructions_schema(max_items: int, max_chars: int | None = None) -> dict[str, Any]:
     """Bootstrap: `{"instructions": ["...", ...]}`."""
     return {
         "type": "object",
         "properties": {
-            "instructions": {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": max_items}
+            "instructions": {"type": "array", "items": _text(max_chars), "minItems": 1, "maxItems": max_items}
         },
         "required": ["instructions"],
         "additionalProperties": False,
     }
 
 
-def tasks_schema(max_items: int) -> dict[str, Any]:
+def tasks_schema(max_items: int, max_chars: int | None = None) -> dict[str, Any]:
     """Alpaca: `{"tasks": [{"instruction", "input", "output"}, ...]}` (`input` is "" when none is needed)."""
     task = {
         "type": "object",
-        "properties": {"instruction": _TEXT, "input": _TEXT, "output": _TEXT},
+        "properties": {k: _text(max_chars) for k in ("instruction", "input", "output")},
         "required": ["instruction", "input", "output"],
         "additionalProperties": False,
     }
@@ -64,12 +68,12 @@ CLASSIFY_SCHEMA: dict[str, Any] = {
 }
 
 
-def instances_schema(max_items: int, output_first: bool) -> dict[str, Any]:
+def instances_schema(max_items: int, output_first: bool, max_chars: int | None = None) -> dict[str, Any]:
     """Instances: input-first `{"input", "output"}`; output-first `{"label", "input"}` (label generated first)."""
     keys = ("label", "input") if output_first else ("input", "output")
     item = {
         "type": "object",
-        "properties": {k: _TEXT for k in keys},
+        "properties": {k: _text(max_chars) for k in keys},
         "required": list(keys),
         "additionalProperties": False,
     }

@@ -174,21 +174,32 @@ def _alpaca(p: Path, records: list[tuple[int, dict[str, Any]]]) -> list[CorpusRe
 
 
 def load_tasks_any(path: str | Path) -> list[SeedTask]:
-    """Seed tasks from either format; Alpaca records become one-instance tasks with ids `<stem>_<n>`."""
+    """Seed tasks from either format.
+
+    Alpaca records sharing a `meta.task_id` (or, without one, the same instruction) become one task with
+    several instances, so a corpus exported from seeds or a split turns back into the same tasks; `meta`'s
+    category and `is_classification` carry over. Tasks without a task id get ids `<stem>_<n>`.
+    """
     p = Path(path)
     records = read_json_records(p)
     if is_seed_format(records[0][1]):
         return _seed_tasks(p, records)
-    return [
-        SeedTask(
-            id=f"{p.stem}_{n}",
-            name=f"{p.stem}_{n}",
-            instruction=r.instruction.strip(),
-            instances=[Instance(r.input, r.output)],
-            category=r.meta.get("category"),
-        )
-        for n, r in enumerate(_alpaca(p, records))
-    ]
+    tasks: dict[str, SeedTask] = {}
+    for r in _alpaca(p, records):
+        key = str(r.meta.get("task_id") or r.instruction.strip())
+        task = tasks.get(key)
+        if task is None:
+            task_id = str(r.meta.get("task_id") or f"{p.stem}_{len(tasks)}")
+            task = tasks[key] = SeedTask(
+                id=task_id,
+                name=task_id,
+                instruction=r.instruction.strip(),
+                instances=[],
+                is_classification=bool(r.meta.get("is_classification")),
+                category=r.meta.get("category"),
+            )
+        task.instances.append(Instance(r.input, r.output))
+    return list(tasks.values())
 
 
 def seed_corpus(tasks: list[SeedTask]) -> list[CorpusRecord]:

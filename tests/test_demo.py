@@ -31,9 +31,14 @@ def test_demo_runs_the_whole_loop_offline(tmp_path):
     assert summary["requests"] > 0 and summary["finished"] is True
     corpus = list(read_jsonl(run / "corpus.jsonl"))
     assert corpus and all({"instruction", "input", "output"} <= r.keys() for r in corpus)
+    # machine-written tasks went through all four stages into the corpus, beside the seeds
+    assert any(r["meta"]["origin"] == "machine" for r in corpus)
+    assert list(read_jsonl(run / "classification.jsonl")) and list(read_jsonl(run / "instances.jsonl"))
     assert (run / "export" / "messages.jsonl").is_file() and (run / "export" / "README.md").is_file()
     assert (out / "filtered" / "kept.jsonl").is_file()
-    assert (out / "tuned" / "adapter_config.json").is_file() and (out / "tuned" / "merged" / "config.json").is_file()
+    assert (out / "tuned" / "adapter_config.json").is_file() and (
+        out / "tuned" / "merged" / "config.json"
+    ).is_file()
 
     result = json.loads((out / "eval" / "eval.json").read_text())
     text = json.dumps(result)

@@ -269,3 +269,22 @@ def test_schemas_accept_what_the_parsers_read():
         jsonschema.validate(
             {"instances": [{"input": "", "output": "x", "extra": 1}]}, instances_schema(5, False)
         )
+
+
+def test_schemas_cap_string_lengths_only_when_asked():
+    def strings(schema):
+        if schema.get("type") == "string":
+            yield schema
+        for value in schema.values():
+            if isinstance(value, dict):
+                yield from strings(value)
+
+    for make in (
+        lambda c: instructions_schema(5, c),
+        lambda c: tasks_schema(5, c),
+        lambda c: instances_schema(3, True, c),
+        lambda c: instances_schema(3, False, c),
+    ):
+        assert all("maxLength" not in s for s in strings(make(None)))  # OpenAI strict mode rejects it
+        capped = list(strings(make(200)))
+        assert capped and all(s["maxLength"] == 200 for s in capped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from selfinstruct.seeds import (
     load_seed_tasks,
     load_tasks_any,
     read_json_records,
+    seed_corpus,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +220,11 @@ def test_seed_corpus_one_record_per_instance(tmp_path):
     }
     write_lines(tmp_path / "a.jsonl", [{"instruction": "Say hi now.", "output": "Hi"}])
     assert [r.output for r in load_corpus_any(tmp_path / "a.jsonl")] == ["Hi"]
+
+
+def test_alpaca_records_of_one_task_become_one_seed_task(tmp_path):
+    """A split or export of the seeds turns back into the same tasks, label-ness and category included."""
+    tasks = load_seed_tasks(SEEDS)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in seed_corpus(tasks)))
+    assert load_tasks_any(path) == [replace(t, name=t.id) for t in tasks]  # names are not in the corpus

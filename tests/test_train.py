@@ -28,15 +28,7 @@ from selfinstruct.train import (
 WORDS = "red green blue black white pink gray gold".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one BLAS thread avoids spin-wait slowdowns of 5-10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

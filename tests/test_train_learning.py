@@ -66,14 +66,7 @@ def accuracy(model_dir: Path, records: list[CorpusRecord]) -> float:
     return sum(a.strip() == r.output for a, r in zip(answers, records, strict=True)) / len(records)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_training_from_scratch_solves_held_out_string_tasks(tmp_path):

@@ -41,7 +41,7 @@ class Alpaca(Growing):
         tasks = "\n###\n".join(format_task(n, t) for n, t in enumerate(shown, start=1))
         messages, prompt = self.template.render(tasks=tasks, next=self.shown + 1, count=cfg.alpaca_new_tasks)
         if ctx.chat:
-            extra: dict[str, Any] = {"json_schema": tasks_schema(cfg.alpaca_new_tasks)}
+            extra: dict[str, Any] = {"json_schema": tasks_schema(cfg.alpaca_new_tasks, cfg.schema_max_chars)}
         else:
             end = self.shown + cfg.alpaca_new_tasks + 1  # the item a base model stops at
             extra = {"stop": [f"\n{end}", f"{end}.", f"{end} ."]}

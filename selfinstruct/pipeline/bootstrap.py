@@ -213,7 +213,9 @@ class Bootstrap(Growing):
         tasks = "\n".join(f"{n}. {text}" for n, (_, text, _) in enumerate(shown, start=1))
         messages, prompt = self.template.render(tasks=tasks, next=len(shown) + 1, count=cfg.new_per_prompt)
         if ctx.chat:
-            extra: dict[str, Any] = {"json_schema": instructions_schema(cfg.new_per_prompt)}
+            extra: dict[str, Any] = {
+                "json_schema": instructions_schema(cfg.new_per_prompt, cfg.schema_max_chars)
+            }
         else:
             end = (
                 len(shown) + cfg.new_per_prompt + 1

@@ -66,7 +66,9 @@ class Instances(PerInstruction):
             examples=self.examples[output_first], instruction=instruction, count=max_instances
         )
         if self.ctx.chat:
-            extra: dict[str, Any] = {"json_schema": instances_schema(max_instances, output_first)}
+            extra: dict[str, Any] = {
+                "json_schema": instances_schema(max_instances, output_first, self.ctx.cfg.schema_max_chars)
+            }
         else:
             extra = {"stop": ["Task:"] if output_first else ["Task:", f"Example {max_instances + 1}"]}
         sampling = self.ctx.sampling(self.stage, rec_id, **extra)

@@ -19,7 +19,7 @@ import asyncio
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from selfinstruct.errors import UserError
@@ -42,14 +42,7 @@ class Usage:
 
     @classmethod
     def of(cls, stats: TeacherStats) -> Usage:
-        return cls(
-            stats.requests,
-            stats.failed_requests,
-            stats.retries,
-            stats.prompt_tokens,
-            stats.completion_tokens,
-            stats.cost,
-        )
+        return cls(**{f.name: getattr(stats, f.name) for f in fields(cls)})
 
     def plus(self, other: Usage, sign: int = 1) -> Usage:
         return Usage(**{k: v + sign * getattr(other, k) for k, v in vars(self).items()})

@@ -99,6 +99,16 @@ class Teacher(abc.ABC):
     concurrency: int
     stats: TeacherStats
 
+    def __init__(self, cfg: Any, default_concurrency: int):
+        """`cfg` is a `TeacherConfig`; `default_concurrency` applies when it sets none."""
+        from selfinstruct.teachers.pricing import resolve_prices
+
+        self.cfg = cfg
+        self.model = cfg.model
+        self.concurrency = cfg.concurrency or default_concurrency
+        self.stats = TeacherStats()
+        self.prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect / load and fail fast (UserError) on a bad endpoint, model name or model path."""
 

@@ -38,9 +38,9 @@ from urllib.parse import urlsplit
 import openai
 
 from selfinstruct.errors import UserError
-from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, TeacherStats, Usage
+from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, Usage
 from selfinstruct.teachers.config import TeacherConfig
-from selfinstruct.teachers.pricing import cost, resolve_prices
+from selfinstruct.teachers.pricing import cost
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +204,7 @@ def _classify(exc: Exception) -> _Failure:
 
 class OpenAITeacher(Teacher):
     def __init__(self, cfg: TeacherConfig):
-        self.cfg = cfg
-        self.model = cfg.model
-        self.concurrency = cfg.concurrency or DEFAULT_CONCURRENCY
-        self.stats = TeacherStats()
-        self.prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
+        super().__init__(cfg, DEFAULT_CONCURRENCY)
         self.structured_supported = True  # turned off for the run when a server rejects response_format
         self._urls = cfg.base_url or [os.environ.get("OPENAI_BASE_URL") or OPENAI_URL]
         self._endpoints: list[_Endpoint] = []

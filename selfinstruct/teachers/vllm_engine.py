@@ -23,20 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from selfinstruct.errors import UserError
-from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, TeacherStats, Usage
+from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, Usage
 from selfinstruct.teachers.config import TeacherConfig
-from selfinstruct.teachers.pricing import cost, resolve_prices
+from selfinstruct.teachers.pricing import cost
 
 DEFAULT_CONCURRENCY = 256  # vLLM batches internally; pipelines should hand it big rounds
 
 
 class VLLMTeacher(Teacher):
     def __init__(self, cfg: TeacherConfig):
-        self.cfg = cfg
-        self.model = cfg.model
-        self.concurrency = cfg.concurrency or DEFAULT_CONCURRENCY
-        self.stats = TeacherStats()
-        self.prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
+        super().__init__(cfg, DEFAULT_CONCURRENCY)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-teacher")
         self._llm: Any = None
 
