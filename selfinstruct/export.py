@@ -29,6 +29,7 @@ from pydantic import Field
 
 from selfinstruct.config import Section, load_toml, redact
 from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_alpaca
 from selfinstruct.store import atomic_path, atomic_write_text
@@ -43,7 +44,6 @@ DEFAULT_FILE: dict[str, str] = {
     "parquet": "alpaca.parquet",
 }
 CHAT_FORMATS = ("messages", "sharegpt")
-CARD_TEMPLATE = Path(__file__).parent / "prompts" / "dataset_card.md"
 
 
 class ExportConfig(Section):
@@ -493,7 +493,7 @@ def render_card(cfg: ExportConfig, src: Source, entries: list[dict[str, Any]]) -
     manifest = {"exports": entries, **{k: v for k, v in card_settings.items() if v is not None}}
     manifest = json.dumps(manifest, ensure_ascii=False, sort_keys=True)
     manifest = manifest.replace("<", "\\u003c").replace(">", "\\u003e")  # cannot close the comment early
-    template = string.Template(CARD_TEMPLATE.read_text(encoding="utf-8"))
+    template = string.Template(read_template("dataset_card.md"))
     return template.substitute(
         front_matter=_front_matter(cfg, src, title, entries),
         title=title,

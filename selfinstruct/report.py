@@ -33,11 +33,10 @@ from pydantic import Field
 from selfinstruct.config import Section, load_toml
 from selfinstruct.errors import UserError
 from selfinstruct.evaluate import task_of
+from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import is_seed_format, load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
 from selfinstruct.store import atomic_write_json, atomic_write_text, read_jsonl
-
-TEMPLATE = Path(__file__).parent / "prompts" / "report.html"
 
 
 class StatsConfig(Section):
@@ -687,7 +686,7 @@ def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[C
         sections.append(("Random records", cards))
 
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{content}</section>" for t, content in sections)
-    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
+    return Template(read_template("report.html")).substitute(
         title=html.escape(f"Corpus report: {Path(stats['source']['path']).name}"),
         source=html.escape(
             f"{'run directory' if stats['source']['kind'] == 'run' else 'corpus'} {stats['source']['path']}"

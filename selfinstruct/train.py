@@ -35,11 +35,10 @@ from pydantic import Field
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_any, read_json_records
 from selfinstruct.store import atomic_write_json
-
-PROMPTS = Path(__file__).parent / "prompts"
 
 
 class TrainConfig(Section):
@@ -138,7 +137,7 @@ class TrainResult:
 def format_alpaca_prompt(instruction: str, input: str = "") -> str:
     """The Alpaca training prompt; the response (then EOS) follows it directly."""
     name = "alpaca_train_input.txt" if input.strip() else "alpaca_train_noinput.txt"
-    return (PROMPTS / name).read_text(encoding="utf-8").format(instruction=instruction, input=input)
+    return read_template(name).format(instruction=instruction, input=input)
 
 
 _SHAREGPT_ROLES = {

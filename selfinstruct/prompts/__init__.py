@@ -1,4 +1,7 @@
-"""Prompt templates: one text file per stage and model style, shipped in `selfinstruct/prompts/`.
+"""Prompt templates: one text file per stage and model style, shipped in this package folder.
+
+Every text template of the project lives here (generation prompts, the Alpaca training template, the dataset
+card, the HTML report); `read_template(name)` is the one way to read a packaged one.
 
 `<stage>.chat.txt` is for chat models: an optional `[system]` section and a `[user]` section, each a line of
 its own. `<stage>.completion.txt` is the raw text a base model continues. Placeholders are `{{ name }}`; the
@@ -15,13 +18,20 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from selfinstruct.errors import UserError
 
 Style = Literal["chat", "completion"]
+
+PROMPT_DIR = Path(__file__).parent
+
+
+def read_template(name: str) -> str:
+    """A packaged template file's text."""
+    return (PROMPT_DIR / name).read_text(encoding="utf-8")
+
 
 # stage -> (placeholders it provides, placeholders a template must use)
 VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -83,7 +93,7 @@ class Prompts:
                 raise UserError(f"{override}: cannot read prompt template ({e})") from None
         else:
             source = f"selfinstruct/prompts/{name}"
-            text = resources.files("selfinstruct").joinpath("prompts", name).read_text(encoding="utf-8")
+            text = read_template(name)
         return parse_template(stage, name, source, text)
 
 
