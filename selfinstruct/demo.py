@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             "--engine-args",
             '{"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": true}}',
         ]
-        tiny_json = ["--schema-max-chars", "300"]
+        # greedy decoding (the reference's instance setting) makes it repeat one phrase: input == output
+        tiny_json = ["--schema-max-chars", "300", "--instances-temperature", "1.0"]
 
     split, run = work / "split", work / "run"
     _run("Split the seed tasks: held-out categories stay unseen",
