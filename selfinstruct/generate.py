@@ -35,11 +35,12 @@ from selfinstruct.pipeline import (
     resolve_decoding,
     run_pipeline,
 )
-from selfinstruct.pipeline.runner import Budget, Journal, Usage
+from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.prompts import Prompts
 from selfinstruct.seeds import load_tasks_any
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
+from selfinstruct.teachers.base import Totals
 
 STATE = "state.json"
 SUMMARY = "summary.json"
@@ -377,9 +378,9 @@ def run_generate(
                 cfg.max_requests,
                 cfg.max_tokens,
                 cfg.max_cost,
-                earlier=Usage(**state.get("usage", {})),
+                earlier=Totals(**state.get("usage", {})),
                 stats=the_teacher.stats,
-                at_start=Usage.of(the_teacher.stats),
+                at_start=Totals.of(the_teacher.stats),
             ),
             decoding=resolve_decoding(cfg),
             stats=_initial_stats(run, cfg),

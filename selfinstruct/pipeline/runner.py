@@ -19,33 +19,14 @@ import asyncio
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from selfinstruct.errors import UserError
 from selfinstruct.store import RunDir, atomic_write_json
-from selfinstruct.teachers.base import Teacher, TeacherRequest, TeacherResponse, TeacherStats
+from selfinstruct.teachers.base import Teacher, TeacherRequest, TeacherResponse, TeacherStats, Totals
 
 # ---------------------------------------------------------------- budget caps
-
-
-@dataclass
-class Usage:
-    """Teacher usage of earlier sessions of this run (from state.json), added to the live teacher's stats."""
-
-    requests: int = 0
-    failed_requests: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-
-    @classmethod
-    def of(cls, stats: TeacherStats) -> Usage:
-        return cls(**{f.name: getattr(stats, f.name) for f in fields(cls)})
-
-    def plus(self, other: Usage, sign: int = 1) -> Usage:
-        return Usage(**{k: v + sign * getattr(other, k) for k, v in vars(self).items()})
 
 
 @dataclass
@@ -59,12 +40,12 @@ class Budget:
     max_requests: int | None
     max_tokens: int | None
     max_cost: float | None
-    earlier: Usage
+    earlier: Totals
     stats: TeacherStats
-    at_start: Usage  # the teacher's own totals when this session began (a shared teacher may have some)
+    at_start: Totals  # the teacher's own totals when this session began (a shared teacher may have some)
 
-    def total(self) -> Usage:
-        return self.earlier.plus(Usage.of(self.stats)).plus(self.at_start, -1)
+    def total(self) -> Totals:
+        return self.earlier.plus(self.stats).plus(self.at_start, -1)
 
     def exhausted(self, in_flight: int = 0) -> str | None:
         """The name of the first cap reached, or None."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -75,8 +75,8 @@ class TeacherResponse:
 
 
 @dataclass
-class TeacherStats:
-    """Running totals a progress bar and summary.json show."""
+class Totals:
+    """Request, token and cost totals: a teacher's running count, or a run's over several sessions."""
 
     requests: int = 0
     failed_requests: int = 0
@@ -84,6 +84,22 @@ class TeacherStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+
+    @classmethod
+    def of(cls, totals: Totals) -> Totals:
+        """Just the totals of `totals` (e.g. of a `TeacherStats`, without its error breakdown)."""
+        return cls(**{f.name: getattr(totals, f.name) for f in fields(cls)})
+
+    def plus(self, other: Totals, sign: int = 1) -> Totals:
+        return Totals(
+            **{f.name: getattr(self, f.name) + sign * getattr(other, f.name) for f in fields(Totals)}
+        )
+
+
+@dataclass
+class TeacherStats(Totals):
+    """Running totals a progress bar and summary.json show, with failures by kind."""
+
     errors_by_kind: dict[str, int] = field(default_factory=dict)
 
 
