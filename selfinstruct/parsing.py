@@ -32,57 +32,39 @@ def _text(max_chars: int | None) -> dict[str, Any]:
     return {"type": "string"} if max_chars is None else {"type": "string", "maxLength": max_chars}
 
 
-def instructions_schema(max_items: int, max_chars: int | None = None) -> dict[str, Any]:
-    """Bootstrap: `{"instructions": ["...", ...]}`."""
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    """An object with exactly these keys, all required (what strict structured output demands)."""
     return {
         "type": "object",
-        "properties": {
-            "instructions": {"type": "array", "items": _text(max_chars), "minItems": 1, "maxItems": max_items}
-        },
-        "required": ["instructions"],
+        "properties": properties,
+        "required": list(properties),
         "additionalProperties": False,
     }
+
+
+def _list_of(key: str, item: dict[str, Any], max_items: int) -> dict[str, Any]:
+    """`{key: [item, ...]}` with 1 to `max_items` items."""
+    return _object({key: {"type": "array", "items": item, "minItems": 1, "maxItems": max_items}})
+
+
+def instructions_schema(max_items: int, max_chars: int | None = None) -> dict[str, Any]:
+    """Bootstrap: `{"instructions": ["...", ...]}`."""
+    return _list_of("instructions", _text(max_chars), max_items)
 
 
 def tasks_schema(max_items: int, max_chars: int | None = None) -> dict[str, Any]:
     """Alpaca: `{"tasks": [{"instruction", "input", "output"}, ...]}` (`input` is "" when none is needed)."""
-    task = {
-        "type": "object",
-        "properties": {k: _text(max_chars) for k in ("instruction", "input", "output")},
-        "required": ["instruction", "input", "output"],
-        "additionalProperties": False,
-    }
-    return {
-        "type": "object",
-        "properties": {"tasks": {"type": "array", "items": task, "minItems": 1, "maxItems": max_items}},
-        "required": ["tasks"],
-        "additionalProperties": False,
-    }
+    task = _object({k: _text(max_chars) for k in ("instruction", "input", "output")})
+    return _list_of("tasks", task, max_items)
 
 
-CLASSIFY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"is_classification": {"type": "boolean"}},
-    "required": ["is_classification"],
-    "additionalProperties": False,
-}
+CLASSIFY_SCHEMA: dict[str, Any] = _object({"is_classification": {"type": "boolean"}})
 
 
 def instances_schema(max_items: int, output_first: bool, max_chars: int | None = None) -> dict[str, Any]:
     """Instances: input-first `{"input", "output"}`; output-first `{"label", "input"}` (label generated first)."""
     keys = ("label", "input") if output_first else ("input", "output")
-    item = {
-        "type": "object",
-        "properties": {k: _text(max_chars) for k in keys},
-        "required": list(keys),
-        "additionalProperties": False,
-    }
-    return {
-        "type": "object",
-        "properties": {"instances": {"type": "array", "items": item, "minItems": 1, "maxItems": max_items}},
-        "required": ["instances"],
-        "additionalProperties": False,
-    }
+    return _list_of("instances", _object({k: _text(max_chars) for k in keys}), max_items)
 
 
 # ---------------------------------------------------------------- results
