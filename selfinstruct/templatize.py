@@ -358,18 +358,21 @@ class Renderer:
                 f"{spec.path}: answer_choices column '{spec.choices_column}' not in {source} "
                 f"(available columns: {', '.join(available)})"
             )
-        self.getters = {var: _getter(col) for var, col in mapping.items()}
+        # only the variables the templates read: a smaller context renders faster
+        self.columns = {var: mapping.get(var, var) for var in sorted(spec.variables)}
+        self.getters = {var: _getter(col) for var, col in self.columns.items()}
         self._cache: dict[tuple[int, int, bool], tuple[str, str]] = {}
 
     def context(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
-        ctx = dict(row)
+        ctx: dict[str, Any] = {}
         for var, get in self.getters.items():
             try:
                 ctx[var] = get(row)
             except KeyError:
                 raise UserError(
-                    f"{self.source}: row {i}: no value at '{self.spec.columns.get(var, var)}'"
+                    f"{self.source}: row {i}: no value at '{self.columns[var]}' "
+                    f"(available columns: {', '.join(sorted(row))})"
                 ) from None
         ctx["answer_choices"] = self.choices(i)
         return ctx
