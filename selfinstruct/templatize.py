@@ -146,6 +146,7 @@ class _Template:
     render: Callable[..., str]
     uses_options: bool
     only_if: Callable[..., Any] | None
+    variables: frozenset[str]  # the names it reads, for error messages
 
 
 @dataclass
@@ -226,7 +227,7 @@ def load_template_file(spec: str) -> TemplateFile:
         except TemplateSyntaxError as e:
             raise UserError(f"{path}: template '{t.id}': Jinja syntax error: {e.message}") from None
         variables |= used
-        templates.append(_Template(t.id, t.reverse, render, "options" in used, only_if))
+        templates.append(_Template(t.id, t.reverse, render, "options" in used, only_if, frozenset(used)))
     fixed = list(spec_in.answer_choices) if isinstance(spec_in.answer_choices, list) else None
     return TemplateFile(
         str(path),
@@ -294,6 +295,8 @@ def _read_hf(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
 def read_rows(source: str, subset: str | None = None, split: str = "train") -> list[dict[str, Any]]:
     """The rows of a CSV, JSON/JSONL or Parquet file, else of a Hugging Face dataset (name or directory)."""
     path = Path(source).expanduser()
+    if not path.exists() and path.suffix.lower() in (".csv", ".json", ".jsonl", ".parquet"):
+        raise UserError(f"{source}: file not found")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".csv":
@@ -342,12 +345,13 @@ class Renderer:
         self.spec, self.rows, self.source = spec, rows, source
         available = sorted(rows[0])
         mapping = {**spec.columns, **overrides}
-        for var in sorted(spec.variables):
-            if var not in mapping and var not in rows[0]:
-                raise UserError(
-                    f"{spec.path}: templates use unknown column '{var}' (available columns: "
-                    f"{', '.join(available)}; map one with --column {var}=COLUMN)"
-                )
+        for t in spec.templates:
+            for var in sorted(t.variables - {"answer_choices", "options"}):
+                if var not in mapping and var not in rows[0]:
+                    raise UserError(
+                        f"{spec.path}: template '{t.id}' uses unknown column '{var}' (available columns: "
+                        f"{', '.join(available)}; or map it with --column {var}=COLUMN)"
+                    )
         for var, column in sorted(mapping.items()):
             if column.split(".")[0] not in rows[0]:
                 raise UserError(
@@ -368,7 +372,8 @@ class Renderer:
         ctx: dict[str, Any] = {}
         for var, get in self.getters.items():
             try:
-                ctx[var] = get(row)
+                value = get(row)
+                ctx[var] = "" if value is None else value  # a null cell is empty text, never "None"
             except KeyError:
                 raise UserError(
                     f"{self.source}: row {i}: no value at '{self.columns[var]}' "

@@ -241,9 +241,17 @@ def test_csv_parquet_and_hf_directory_give_the_same_records(tmp_path: Path):
     assert len(set(outs)) == 1
 
 
-def test_unknown_hf_dataset_offline_is_a_user_error():
+def test_unknown_hf_dataset_offline_and_missing_files_are_user_errors(tmp_path: Path):
     with pytest.raises(UserError, match="no-such-owner/no-such-dataset: cannot load"):
         read_rows("no-such-owner/no-such-dataset")
+    with pytest.raises(UserError, match=r"missing\.csv: file not found"):
+        read_rows(str(tmp_path / "missing.csv"))
+
+
+def test_null_cells_render_as_empty_text(tmp_path: Path):
+    spec = _spec(tmp_path, GOLDEN_YAML.replace("Sky: {{ sky }}", "Sky: {{ sky }}."))
+    [record] = templatize_rows(spec, [{"sky": None, "label": 0}])
+    assert record.instruction == "Sky: .\nWill it rain?"
 
 
 # ---------------------------------------------------------------- errors
@@ -251,7 +259,9 @@ def test_unknown_hf_dataset_offline_is_a_user_error():
 
 def test_unknown_column_lists_the_available_columns(tmp_path: Path):
     spec = _spec(tmp_path, GOLDEN_YAML.replace("{{ sky }}", "{{ skies }}"))
-    with pytest.raises(UserError, match=r"unknown column 'skies' \(available columns: label, sky;"):
+    with pytest.raises(
+        UserError, match=r"template 'sky' uses unknown column 'skies' \(available columns: label, sky;"
+    ):
         templatize_rows(spec, ROWS)
     spec = _spec(tmp_path)
     with pytest.raises(UserError, match=r"no column 'cloud' for 'sky' \(available columns: label, sky\)"):
