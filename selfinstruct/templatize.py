@@ -10,6 +10,7 @@ A template file is YAML:
 
     task: sentiment_reviews        # the task name (meta.task)
     cluster: sentiment             # the task cluster; `split --holdout-categories` holds out whole clusters
+    description: Is a review positive or negative?   # optional, for people reading the file
     columns: {text: sentence}      # template variable -> dataset column (dotted paths reach into nested values)
     answer_choices: [negative, positive]   # or {column: choices} for per-row choices; omit for free text
     templates:
