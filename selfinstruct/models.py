@@ -218,8 +218,8 @@ def _write_converted(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         print(f"converting {gguf} to a Hugging Face model (once, cached) ...", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, NotImplementedError, RuntimeError) as e:
-        # unsupported architecture or quantisation type, not a GGUF file, a truncated file, ...
+    except (ValueError, OSError, KeyError, NotImplementedError, RuntimeError, ImportError) as e:
+        # unsupported architecture or quantisation type, not a GGUF file, a truncated file, gguf too old, ...
         raise UserError(f"{gguf}: cannot convert this GGUF file ({_first_line(e)})") from None
     # A GGUF-loaded model keeps its quantizer attached, and save_pretrained refuses to save such a model.
     model.hf_quantizer = None

@@ -356,7 +356,7 @@ def test_cli_bad_inputs_exit_2(tiny_model_dir: Path, tmp_path: Path):
         (["evaluate", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.jsonl")], "not found"),
         (
             ["evaluate", "--model", str(tmp_path / "nope"), "--data", str(heldout), "--out", "x"],
-            "no such model",
+            "no such directory",
         ),
         (["evaluate", "--model", str(tmp_path), "--data", str(heldout)], "neither a model"),
         (
