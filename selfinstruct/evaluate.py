@@ -313,10 +313,13 @@ def _merge_adapter(adapter: Path, into: Path) -> Path:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
+    from selfinstruct.train import stop_on_eos
+
     print(f"merging LoRA adapter {adapter} into its base model ...", file=sys.stderr)
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto")
     model.merge_and_unload().save_pretrained(into)
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(into)
+    stop_on_eos(into)  # the base's generation config does not stop on the end-of-turn token training used
     return into
 
 
@@ -417,7 +420,7 @@ class EvaluateConfig(Section):
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
-        description="prompt format; auto = the one --model was trained with, else its chat template if any",
+        description="prompt format; auto = the one --model was trained with, else as train chooses it",
     )
     max_tokens: int = Field(256, gt=0, description="longest answer generated, in tokens")
     max_examples: int | None = Field(
@@ -507,7 +510,9 @@ def _template(cfg: EvaluateConfig, model_path: str) -> Literal["chat", "alpaca"]
         return trained
     from transformers import AutoTokenizer
 
-    return "chat" if AutoTokenizer.from_pretrained(model_path).chat_template else "alpaca"
+    from selfinstruct.train import end_of_turn
+
+    return "chat" if end_of_turn(AutoTokenizer.from_pretrained(model_path)) else "alpaca"
 
 
 def _check(cfg: EvaluateConfig) -> Path:
