@@ -62,10 +62,10 @@ class TrainConfig(Section):
         description="prompt format: the model's chat template (auto when it has one that ends turns with a "
         "special token) or the Alpaca template",
     )
-    eos_token: str | None = Field(
+    eos: str | None = Field(
         None,
-        description="token the tuned model stops on (default: the token the chat template ends a turn with, "
-        "else the tokenizer's EOS)",
+        description="token the tuned model stops on, e.g. '<|im_end|>' (default: the token the chat template "
+        "ends a turn with, else the tokenizer's EOS)",
     )
     lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
     qlora: bool = Field(False, description="LoRA on a 4-bit NF4 base model (bitsandbytes, CUDA only)")
@@ -424,9 +424,9 @@ def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool
     template = cfg.template
     if template == "auto":
         template = "chat" if turn_end else "alpaca"
-    eos = cfg.eos_token or (turn_end if template == "chat" and turn_end else tokenizer.eos_token)
-    if cfg.eos_token and cfg.eos_token not in tokenizer.get_vocab():
-        raise UserError(f"--eos-token {cfg.eos_token!r} is not a token of {cfg.model}'s tokenizer")
+    eos = cfg.eos or (turn_end if template == "chat" and turn_end else tokenizer.eos_token)
+    if cfg.eos and cfg.eos not in tokenizer.get_vocab():
+        raise UserError(f"--eos {cfg.eos!r} is not a token of {cfg.model}'s tokenizer")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if cuda and bf16_ok else "fp32"
@@ -436,7 +436,7 @@ def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool
         update={
             "lora": peft,
             "template": template,
-            "eos_token": eos,
+            "eos": eos,
             "learning_rate": cfg.learning_rate or (2e-4 if peft else 2e-5),
             "precision": precision,
             "gradient_checkpointing": checkpointing,
@@ -504,7 +504,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",
-        eos_token=cfg.eos_token,  # TRL mirrors it into the model config and the saved generation config
+        eos_token=cfg.eos,  # TRL mirrors it into the model config and the saved generation config
         completion_only_loss=True,
         loss_type="nll",
         bf16=cfg.precision == "bf16",
