@@ -133,32 +133,31 @@ def test_item2_end_of_turn_token_is_what_a_tuned_base_model_stops_on(
 ):
     from transformers import AutoTokenizer
 
-    from selfinstruct.train import TrainConfig, build_trainer, end_of_turn, train
+    from selfinstruct.train import TrainConfig, build_trainer, train
 
     tok = AutoTokenizer.from_pretrained(base_like_model)
-    assert tok.eos_token == "<|endoftext|>" and end_of_turn(tok) == "<|im_end|>"
+    assert tok.eos_token == "<|endoftext|>" and tok.chat_template
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
 
     cfg = TrainConfig(
         data=str(stop_corpus), model=str(base_like_model), out=str(tmp_path / "full"), max_steps=1,
         batch_size=4, grad_accum=1,
     )  # fmt: skip
-    trainer, resolved, *_ = build_trainer(cfg)
-    assert (resolved.template, resolved.eos) == ("chat", "<|im_end|>")
-    labels = [x for x in trainer.train_dataset[0]["input_ids"]][-2:]  # ...answer <|im_end|> "\n"
-    assert im_end in labels
-    del trainer
-
-    result = train(cfg)
-    full = Path(result.out)
+    full = Path(train(cfg).out)
+    assert im_end in _eos_ids(full)  # HF generate and vLLM stop on every id listed here
     assert AutoTokenizer.from_pretrained(full).eos_token == "<|im_end|>"
-    assert im_end in _eos_ids(full)
     assert json.loads((full / "config.json").read_text())["eos_token_id"] == im_end
-    assert 'eos = "<|im_end|>"' in (full / "train_config.toml").read_text()
-
     merged = Path(lora_merged.merged)
-    assert AutoTokenizer.from_pretrained(merged).eos_token == "<|im_end|>"
     assert im_end in _eos_ids(merged)  # rebuilt from the base, whose generation config stops on <|endoftext|>
+    assert AutoTokenizer.from_pretrained(merged).eos_token == "<|im_end|>"
+
+    from selfinstruct.train import end_of_turn
+
+    assert end_of_turn(tok) == "<|im_end|>"
+    trainer, resolved, *_ = build_trainer(cfg.model_copy(update={"out": str(tmp_path / "again")}))
+    assert (resolved.template, resolved.eos) == ("chat", "<|im_end|>")
+    assert im_end in trainer.train_dataset[0]["input_ids"][-2:]  # ... answer <|im_end|> "\n", trained on
+    assert 'eos = "<|im_end|>"' in (full / "train_config.toml").read_text()
 
 
 def test_item2_template_without_a_turn_end_token_trains_with_alpaca(tiny_model_dir):
@@ -170,11 +169,12 @@ def test_item2_template_without_a_turn_end_token_trains_with_alpaca(tiny_model_d
 
     base = TrainConfig(data="d", model="m", out="o")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    chat = resolve_defaults(base, tok, False, False)
-    assert (chat.template, chat.eos) == ("chat", "<|im_end|>")
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     plain = resolve_defaults(base, tok, False, False)
-    assert (plain.template, plain.eos) == ("alpaca", "<|im_end|>")
+    assert plain.template == "alpaca" and plain.eos == "<|im_end|>"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = resolve_defaults(base, tok, False, False)
+    assert (chat.template, chat.eos) == ("chat", "<|im_end|>")
     none = resolve_defaults(base, SimpleNamespace(chat_template=None, eos_token="</s>"), False, False)
     assert (none.template, none.eos) == ("alpaca", "</s>")
 
@@ -295,11 +295,8 @@ def test_item6_prompts_show_instructions_as_the_reference_normalises_them(tmp_pa
 
 
 def test_item7_unlabelled_seeds_borrow_the_projects_labelled_examples(tmp_path):
-    from selfinstruct.pipeline.classify import labelled_seeds
-    from selfinstruct.pipeline.instances import few_shot
-    from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks, load_tasks_any
+    from selfinstruct.seeds import load_tasks_any
 
-    assert PROJECT_SEEDS.is_file() and any(t.is_classification for t in load_seed_tasks(PROJECT_SEEDS))
     alpaca = [{"instruction": t["instruction"], **t["instances"][0]} for t in small_seed_tasks()]
     seeds = tmp_path / "alpaca.json"
     seeds.write_text(json.dumps(alpaca))
@@ -316,6 +313,12 @@ def test_item7_unlabelled_seeds_borrow_the_projects_labelled_examples(tmp_path):
             if '"is_classification"' in json.dumps(r.json.get("response_format"))
         ]
     assert classify and all("Classification: Yes" in p and "Classification: No" in p for p in classify)
+
+    from selfinstruct.pipeline.classify import labelled_seeds
+    from selfinstruct.pipeline.instances import few_shot
+    from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
+
+    assert PROJECT_SEEDS.is_file() and any(t.is_classification for t in load_seed_tasks(PROJECT_SEEDS))
     output_first = few_shot(labelled_seeds(load_tasks_any(seeds)), True, 0)
     assert output_first.count("Class label:") >= 3
 
