@@ -394,12 +394,12 @@ def end_of_turn(tokenizer: Any) -> str | None:
     """
     if not getattr(tokenizer, "chat_template", None):
         return None
+    from jinja2 import TemplateError
+
     turn = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _ANSWER_MARK}]
     try:
         text = tokenizer.apply_chat_template(turn, tokenize=False)
-    except (
-        Exception
-    ):  # a template that rejects this conversation shape: treat it as having no usable turn end
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template that rejects this conversation
         return None
     after = text.partition(_ANSWER_MARK)[2]
     found = [(after.find(t), t) for t in _special_tokens(tokenizer) if t and t in after]

@@ -122,10 +122,9 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
             counts: Counter[str] = Counter()
             for start in range(0, len(records), cfg.batch_size):
                 batch = records[start : start + cfg.batch_size]
-                keys = [
-                    _task_key(ln, rec, text) for (ln, rec), text in zip(batch, texts[start:], strict=False)
-                ]
-                new = {key: text for key, text in zip(keys, texts[start:], strict=False) if key not in judged}
+                batch_texts = texts[start : start + cfg.batch_size]
+                keys = [_task_key(ln, rec, text) for (ln, rec), text in zip(batch, batch_texts, strict=True)]
+                new = {key: text for key, text in zip(keys, batch_texts, strict=True) if key not in judged}
                 judged.update(zip(new, filt(list(new.values())), strict=True))
                 pairs = [(line_rec, judged[key]) for line_rec, key in zip(batch, keys, strict=True)]
                 kept.write(_kept_line(rec, d) for (_, rec), d in pairs if d.keep)
