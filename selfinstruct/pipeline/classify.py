@@ -2,8 +2,9 @@
 
 The answer decides how its instances are generated (output-first for classification). The few-shot examples
 come from the seed tasks' own `is_classification` labels (the project's labelled seeds when the user's carry
-none), chosen once per run (a fixed prompt prefix is also what provider-side prompt caching rewards). Results go to `classification.jsonl` keyed by instruction id;
-instructions that already have one are skipped, so the stage resumes. An answer that is neither yes nor no
+none), chosen once per run (a fixed prompt prefix is also what provider-side prompt caching rewards). Results
+go to `classification.jsonl` keyed by instruction id; instructions that already have one are skipped, so the
+stage resumes. An answer that is neither yes nor no
 is recorded as `null` (treated as "not classification") and counted as a parse failure.
 """
 

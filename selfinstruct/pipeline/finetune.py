@@ -3,8 +3,9 @@
 The reference's finetune-preparation rules, in its order: an instance is dropped when its output is empty, its
 input equals its output, or its input or output ends with ":" (usually a cut-off generation); then a task whose
 remaining instances share a non-empty input but disagree on the output is dropped whole; duplicates are
-removed; at most `max_instances` per task. The Alpaca pipeline's tasks (one instance each) pass the same rules. The corpus is rebuilt from the run's files every time (it is cheap and makes the
-stage trivially resumable) and replaced atomically, so a reader never sees half a corpus.
+removed; at most `max_instances` per task. The Alpaca pipeline's tasks (one instance each) pass the same rules.
+The corpus is rebuilt from the run's files every time (it is cheap and makes the stage trivially resumable)
+and replaced atomically, so a reader never sees half a corpus.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Classification tasks are generated output-first (a class label, then an input that belongs to it), so the
 teacher cannot drift towards one label the way it does when it writes the input first; the others input-first.
 Few-shot examples are seed tasks of the same kind with their instances (from the project's labelled seeds when
-the user's carry no labels), chosen once per run. Results go to
-`instances.jsonl` keyed by instruction id (already-done ids are skipped, so the stage resumes); only
-instructions with a classification record are done, the others wait for the classify stage. A truncated answer
-loses its last, cut-off instance; an unreadable one is recorded with no instances and counted.
+the user's carry no labels), chosen once per run. Results go to `instances.jsonl` keyed by instruction id
+(already-done ids are skipped, so the stage resumes); only instructions with a classification record are done,
+the others wait for the classify stage. A truncated answer loses its last, cut-off instance; an unreadable one
+is recorded with no instances and counted.
 """
 
 from __future__ import annotations
