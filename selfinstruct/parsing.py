@@ -101,8 +101,9 @@ def collapse(text: str) -> str:
 
 
 def shown(instruction: str) -> str:
-    """An instruction as a prompt shows it, normalised as the reference does: whitespace collapsed, stripped, no
-    trailing ":". A seed with a line break inside would otherwise break the numbered list a base model continues."""
+    """An instruction as a prompt shows it, normalised as the reference does: whitespace collapsed, stripped,
+    no trailing ":". A seed with a line break inside would otherwise break the numbered list a base model
+    continues."""
     return collapse(instruction).rstrip(":")
 
 

@@ -115,7 +115,7 @@ def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
 
 
 def _run_settings(run: Path) -> tuple[str | None, float]:
-    """The seed file ([generate] seeds) and novelty threshold ([filters] threshold) of the run's config.toml."""
+    """The seed file ([generate] seeds) and the novelty threshold ([filters] threshold) of a run's config."""
     config = run / "config.toml"
     data = load_toml(config) if config.is_file() else {}
     seeds = data.get("generate", {}).get("seeds")

@@ -238,7 +238,7 @@ def to_examples(records: list, template: Literal["chat", "alpaca"]) -> list[dict
 
 
 def _task_key(record: CorpusRecord | dict[str, Any]) -> str:
-    """Records of one task share this key (as in `selfinstruct split`); a chat record is keyed by its prompt."""
+    """Records of one task share this key (as in `selfinstruct split`); a chat record's key is its prompt."""
     if isinstance(record, CorpusRecord):
         return task_of(record)
     return json.dumps(record["prompt"], ensure_ascii=False, sort_keys=True)

@@ -71,8 +71,8 @@ def _texts(path: Path, records: list[tuple[int, dict[str, Any]]], name: str) -> 
 
 def _task_key(line: int, record: dict[str, Any], text: str) -> str:
     """Records of one task share `meta.task_id`, or else their text, as `selfinstruct split` groups them: a
-    Self-Instruct corpus has up to 5 records per instruction, which are not copies of each other. A seed-format
-    record holds a whole task by itself."""
+    Self-Instruct corpus has up to 5 records per instruction, which are not copies of each other. A
+    seed-format record holds a whole task by itself."""
     if is_seed_format(record):
         return f"line:{line}"
     task_id = (record.get("meta") or {}).get("task_id")
