@@ -51,8 +51,8 @@ class StatsConfig(Section):
     out: str | None = Field(None, description="report directory (default: RUN/report, or CORPUS_report)")
     seeds: str | None = Field(
         None,
-        description="seed tasks for the ROUGE-L-to-seeds histogram; every instruction is scored against them "
-        "(default: the run's seed file, scoring its machine instructions)",
+        description="seed tasks for the ROUGE-L-to-seeds histogram of the machine-written instructions, or of "
+        "every instruction when none is marked machine-written (default: the run's seed file)",
     )
     top_verbs: int = Field(20, gt=0, description="root verbs shown (each with its 4 most common objects)")
     parser: Literal["auto", "spacy", "heuristic"] = Field(
@@ -377,9 +377,10 @@ def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs
         novelty = {"available": False, "reason": f"seed file {seeds_path} not found"}
     else:
         seeds = [t.instruction for t in load_tasks_any(Path(seeds_path).expanduser())]
-        # Seeds given explicitly: score every instruction (a corpus need not mark what is machine-written).
-        # The run's own seed file: only its machine instructions (its seeds would score 1 against themselves).
-        scored = [i.text for i in instructions if explicit_seeds or i.origin != "seed"]
+        # The machine-written instructions; a corpus with none marked as such (a seed-format file, a split of
+        # seeds) is scored whole against seeds given with --seeds.
+        machine = [i.text for i in instructions if i.origin != "seed"]
+        scored = machine or ([i.text for i in instructions] if explicit_seeds else [])
         scores = rouge_to_seeds(scored, seeds) if scored else []
         novelty = {
             "available": bool(scores),
