@@ -19,6 +19,7 @@ from typing import Any
 
 from selfinstruct.filters import TOO_SIMILAR, CandidateFilter, Decision
 from selfinstruct.parsing import instructions_schema, parse_continued_list, parse_instruction_list
+from selfinstruct.parsing import shown as shown_text
 from selfinstruct.pipeline import INSTRUCTIONS, REJECTED, RunContext, run_stage
 from selfinstruct.records import Instance
 from selfinstruct.store import read_jsonl
@@ -210,7 +211,7 @@ class Bootstrap(Growing):
         shown = [(s.id, s.instruction, True) for s in rng.sample(ctx.seeds, n_seed)]
         shown += [(i, text, False) for i, text in rng.sample(machine, n_machine)]
         rng.shuffle(shown)
-        tasks = "\n".join(f"{n}. {text}" for n, (_, text, _) in enumerate(shown, start=1))
+        tasks = "\n".join(f"{n}. {shown_text(text)}" for n, (_, text, _) in enumerate(shown, start=1))
         messages, prompt = self.template.render(tasks=tasks, next=len(shown) + 1, count=cfg.new_per_prompt)
         if ctx.chat:
             extra: dict[str, Any] = {
