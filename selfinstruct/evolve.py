@@ -173,6 +173,12 @@ _LABEL = re.compile(
 )
 
 
+def _input(value: str) -> str:
+    """An input as given, "" for the ways models say there is none."""
+    value = _clean_input(value)
+    return "" if value.lower() in ("none", "null", "n/a", "no input") else value
+
+
 def parse_evolved(text: str, default_input: str) -> tuple[str, str] | None:
     """(instruction, input) from JSON or `Instruction:`/`Input:` lines, else the whole text as the instruction.
 
@@ -186,9 +192,7 @@ def parse_evolved(text: str, default_input: str) -> tuple[str, str] | None:
             return None
         instruction, given = collapse(value["instruction"]), value.get("input")
         return (
-            (instruction, _clean_input(given) if isinstance(given, str) else default_input)
-            if instruction
-            else None
+            (instruction, _input(given) if isinstance(given, str) else default_input) if instruction else None
         )
     fields: dict[str, str] = {}
     marks = list(_LABEL.finditer(body))
@@ -198,7 +202,7 @@ def parse_evolved(text: str, default_input: str) -> tuple[str, str] | None:
     instruction = collapse(fields.get("instruction", "") if marks else body)
     if not instruction:
         return None
-    return instruction, _clean_input(fields["input"]) if "input" in fields else default_input
+    return instruction, _input(fields["input"]) if "input" in fields else default_input
 
 
 _EQUAL_WORD = re.compile(r"\b(not\s+equal|unequal|different|equal|same|identical)\b", re.I)
@@ -219,6 +223,11 @@ def sorry_short(answer: str, max_words: int) -> bool:
 def stopwords_only(answer: str) -> bool:
     """Nothing but punctuation and stop words (an empty answer included)."""
     return all(w in STOPWORDS for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", answer.lower().replace("’", "'")))
+
+
+def _record_key(instruction: str, input_: str) -> str:
+    """Two records are the same when instruction and input are, ignoring case and spacing."""
+    return normalize(f"{instruction}\n{input_}")
 
 
 def format_task(instruction: str, input_: str) -> str:
@@ -344,7 +353,7 @@ class Evolver:
         ctx: RunContext,
         lineages: list[Lineage],
         originals: list[Node],
-        survivors: list[str],
+        survivors: list[Node],
         tally: Tally,
     ):
         cfg: EvolveConfig = ctx.cfg  # type: ignore[assignment]
@@ -352,10 +361,13 @@ class Evolver:
         self.journal: DurableJournal = ctx.journal  # type: ignore[assignment]
         self.ops = cfg.chosen_ops()
         self.templates = {step: ctx.prompts.get(f"evol_{step}") for step in (*self.ops, "judge", "answer")}
-        pool = [n.instruction for n in originals] + survivors
-        # Duplicates are of kept texts only: a retry that repeats an eliminated rewrite gets that rewrite's reason
+        pool = [n.instruction for n in (*originals, *survivors)]
+        # A duplicate is a copy of a kept record (instruction and input: `complicate_input` may keep the
+        # instruction); a retry that repeats an eliminated rewrite gets that rewrite's own reason again.
         self.heuristics = build_heuristics(cfg.filters.model_copy(update={"check_duplicate": False}))
-        self.seen = {normalize(t) for t in pool} if cfg.filters.check_duplicate else None
+        self.seen: set[str] | None = None
+        if cfg.filters.check_duplicate:
+            self.seen = {_record_key(n.instruction, n.input) for n in (*originals, *survivors)}
         # top-k room for a whole lineage, so the nearest text outside it is always among the k listed
         wide = cfg.filters.model_copy(update={"nearest_k": max(1, cfg.filters.nearest_k) + cfg.rounds + 1})
         self.index = novelty_index(wide, pool)
@@ -470,7 +482,7 @@ class Evolver:
             return self._reject(a, EVOL_EQUAL, judge="copy")
         if reason := self.heuristics(a.instruction):
             return self._reject(a, reason)
-        if self.seen is not None and normalize(a.instruction) in self.seen:
+        if self.seen is not None and _record_key(a.instruction, a.input) in self.seen:
             return self._reject(a, "duplicate")
         if not self._novel(a):
             return self._reject(a, TOO_SIMILAR)
@@ -561,7 +573,7 @@ class Evolver:
         )
         self.index.add([a.instruction])
         if self.seen is not None:
-            self.seen.add(normalize(a.instruction))
+            self.seen.add(_record_key(a.instruction, a.input))
         a.lineage.parent = node
         a.lineage.ancestors.add(a.instruction)
         self._done(a, None)
@@ -608,8 +620,8 @@ def _open_state(run: RunDir, identity: dict[str, Any]) -> dict[str, Any]:
 
 def restore(
     run: RunDir, originals: list[Node]
-) -> tuple[list[Lineage], list[str], Tally, Counter[tuple[int, str]]]:
-    """Lineages as the files leave them: each one's latest survivor and next round; survivors' instructions."""
+) -> tuple[list[Lineage], list[Node], Tally, Counter[tuple[int, str]]]:
+    """Lineages as the files leave them (each one's latest survivor and next round), and all survivors."""
     lineages = {
         n.id: Lineage(order=k, root=n, parent=n, ancestors={n.instruction}) for k, n in enumerate(originals)
     }
@@ -631,13 +643,14 @@ def restore(
             else:
                 survivors.append((evol["round"], rec))
             lineage.next_round = max(lineage.next_round, evol["round"] + 1)
+    nodes = []
     for _, rec in sorted(survivors, key=lambda s: s[0]):
         lineage = lineages[rec["meta"]["evol"]["root_id"]]
-        lineage.parent = Node(
-            rec["id"], rec["instruction"], rec["input"], rec["output"], rec["meta"]["evol"]["depth"]
-        )
-        lineage.ancestors.add(rec["instruction"])
-    return list(lineages.values()), [rec["instruction"] for _, rec in survivors], tally, rejected
+        node = Node(rec["id"], rec["instruction"], rec["input"], rec["output"], rec["meta"]["evol"]["depth"])
+        lineage.parent = node
+        lineage.ancestors.add(node.instruction)
+        nodes.append(node)
+    return list(lineages.values()), nodes, tally, rejected
 
 
 def write_corpus(run: RunDir, originals: list[CorpusRecord], include_originals: bool) -> int:

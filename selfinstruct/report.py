@@ -530,8 +530,11 @@ def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
         axes[0].bar([op for op, _ in ops], [100 * o["survival_rate"] for _, o in ops], color="#4C72B0")
         axes[0].set_title("survival rate per operation (%)")
         axes[0].tick_params(axis="x", rotation=30)
-        for key, color, label in (("instruction_words", "#4C72B0", "instruction + input"),
-                                  ("answer_words", "#C44E52", "answer")):  # fmt: skip
+        lines = (
+            ("instruction_words", "#4C72B0", "instruction + input"),
+            ("answer_words", "#C44E52", "answer"),
+        )
+        for key, color, label in lines:
             axes[1].plot(
                 depths, [d[key].get("mean", 0) for d in evolution["by_depth"]], "o-", color=color, label=label
             )

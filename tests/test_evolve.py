@@ -1,5 +1,7 @@
 """`selfinstruct evolve` against the fake OpenAI-compatible server: eliminations, retries, reproducible operations,
-resume after kill -9, `--rounds 0`, base-model and plain-text prompts, and the `stats` report of an evolve run."""
+resume after kill -9, `--rounds 0`, base-model and plain-text prompts, the `stats` report of an evolve run; and one
+run on the real in-process vLLM engine (tiny random model: its rewrites are nonsense, so the filters are opened
+up to let them reach the judge and the answer step; what is checked is the plumbing, not the quality)."""
 
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from selfinstruct.evolve import (
     sorry_short,
     stopwords_only,
 )
+from selfinstruct.filters import FilterConfig
 from selfinstruct.teachers import TeacherConfig
-from selfinstruct.testing import FakeOpenAI
+from selfinstruct.testing import FakeOpenAI, tiny_vllm_config
 from selfinstruct.testing.responders import SMALL_SEEDS, EvolveResponder
 
 QUIET = Console(stderr=True, quiet=True)
@@ -352,3 +355,45 @@ def test_stats_understands_an_evolve_run(evolved_run, tmp_path):
     assert all(d["distinct_verbs"] >= 1 and d["answer_words"]["mean"] > 0 for d in evo["by_depth"])
     assert stats["plots"]["evolution"] == "evolution.png" and (out / "evolution.png").stat().st_size > 0
     assert "Evolution by round, operation and depth" in (out / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- the real in-process vLLM engine
+
+
+@pytest.mark.vllm
+def test_evolve_on_vllm(vllm_teacher, tiny_model_dir, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(
+            json.dumps({"instruction": i, "input": x, "output": o}) + "\n" for i, x, o, _ in SMALL_SEEDS[:6]
+        )
+    )
+    out = tmp_path / "run"
+    cfg = EvolveConfig(
+        input=str(inp),
+        out=str(out),
+        rounds=2,
+        evolve_max_tokens=160,
+        answer_max_tokens=48,
+        answer_temperature=1.0,
+        schema_max_chars=120,
+        filters=FilterConfig(
+            check_length=False,
+            check_punctuation=False,
+            check_non_ascii=False,
+            blacklist="none",
+            threshold=1.0,
+        ),
+        teacher=tiny_vllm_config(tiny_model_dir),
+    )
+    requests_before = vllm_teacher.stats.requests
+    assert run_evolve(cfg, teacher=vllm_teacher, console=QUIET) == 0
+    check_lineages(out, 6, 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["requests"] == vllm_teacher.stats.requests - requests_before
+    rejected = lines(out / "rejected.jsonl")
+    # structured output: every rewrite and every verdict was valid JSON
+    assert not [r for r in rejected if r["reason"] == "unparseable"]
+    reached = {r["meta"]["step"] for r in rejected} | ({"kept"} if lines(out / "evolved.jsonl") else set())
+    assert reached & {"judge", "answer", "kept"}, reached
+    assert summary["corpus_records"] == len(lines(out / "corpus.jsonl")) == 6 + summary["kept"]
