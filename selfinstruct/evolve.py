@@ -187,6 +187,9 @@ def parse_evolved(text: str, default_input: str) -> tuple[str, str] | None:
     """
     body = _unfence(text)
     value, ok = _json_values(body)
+    if not ok and body.lstrip().startswith("{"):
+        with contextlib.suppress(json.JSONDecodeError):  # raw control characters inside strings
+            value, ok = json.JSONDecoder(strict=False).raw_decode(body.lstrip())[0], True
     if ok or body.lstrip().startswith(("{", "[")):
         if not isinstance(value, dict) or not isinstance(value.get("instruction"), str):
             return None

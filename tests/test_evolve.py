@@ -238,6 +238,10 @@ def test_parsers_and_answer_rules():
     assert parse_evolved('{"instruction": " Do  X ", "input": "<noinput>"}', "keep") == ("Do X", "")
     assert parse_evolved('{"instruction": "Do X"}', "keep") == ("Do X", "keep")
     assert parse_evolved('{"instruction": "Do', "keep") is None
+    assert parse_evolved('{"instruction": "Do\x0c X", "input": ""}', "keep") == (
+        "Do X",
+        "",
+    )  # raw control char
     assert parse_evolved("Sure!\n\n**Instruction:** Do X\n**Input:** a table", "") == ("Do X", "a table")
     assert parse_evolved("Do X better.", "in") == ("Do X better.", "in")
     assert parse_evolved("  ", "in") is None
