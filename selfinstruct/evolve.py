@@ -174,9 +174,11 @@ _LABEL = re.compile(
 
 
 def _input(value: str) -> str:
-    """An input as given, "" for the ways models say there is none."""
+    """An input as given; "" for the ways models say there is none, and for one without a letter or digit."""
     value = _clean_input(value)
-    return "" if value.lower() in ("none", "null", "n/a", "no input") else value
+    if value.lower() in ("none", "null", "n/a", "no input") or not any(c.isalnum() for c in value):
+        return ""
+    return value
 
 
 def parse_evolved(text: str, default_input: str) -> tuple[str, str] | None:

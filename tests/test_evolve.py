@@ -244,6 +244,10 @@ def test_parsers_and_answer_rules():
     )  # raw control char
     assert parse_evolved("Sure!\n\n**Instruction:** Do X\n**Input:** a table", "") == ("Do X", "a table")
     assert parse_evolved("Do X better.", "in") == ("Do X better.", "in")
+    assert parse_evolved('{"instruction": "Do X", "input": "..."}', "in") == (
+        "Do X",
+        "",
+    )  # no letter: no input
     assert parse_evolved("  ", "in") is None
     assert parse_judge('{"equal": false}') is False and parse_judge("Equal.") is True
     assert parse_judge("They are not equal") is False and parse_judge("Yes") is True
