@@ -540,8 +540,9 @@ def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
             )
         axes[1].set_title("mean length (words) by depth")
         axes[1].legend(frameon=False)
-        axes[2].bar(depths, [d["distinct_verbs"] for d in evolution["by_depth"]], color="#55A868")
-        axes[2].set_title("distinct root verbs by depth")
+        bars = axes[2].bar(depths, [d["distinct_verbs"] for d in evolution["by_depth"]], color="#55A868")
+        axes[2].bar_label(bars, labels=[f"of {d['records']}" for d in evolution["by_depth"]])
+        axes[2].set_title("distinct root verbs by depth (of n records)")
         for ax in axes[1:]:
             ax.set_xlabel("depth (0 = original)")
             ax.set_xticks(depths)
