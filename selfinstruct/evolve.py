@@ -36,12 +36,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
+from rapidfuzz.distance import LCSseq
 from rich.console import Console
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, FilterConfig, novelty_index
 from selfinstruct.filters.heuristics import build_heuristics, normalize
+from selfinstruct.filters.rouge import rouge_fmeasure
 from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor
 from selfinstruct.parsing import _clean_input, _json_values, _object, _text, _unfence, collapse, parse_yes_no
 from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
@@ -275,7 +277,7 @@ class Attempt:
     input: str = ""
     output: str = ""
     nearest: list[tuple[str, float]] = field(default_factory=list)
-    checked_at: int = 0  # pool size at the novelty check
+    checked_at: int = 0  # texts kept this session before the novelty check
     failures: int = 0  # requests of this attempt that failed after all retries, this session
 
     @property
@@ -376,6 +378,8 @@ class Evolver:
         # top-k room for a whole lineage, so the nearest text outside it is always among the k listed
         wide = cfg.filters.model_copy(update={"nearest_k": max(1, cfg.filters.nearest_k) + cfg.rounds + 1})
         self.index = novelty_index(wide, pool)
+        self.kept_now: list[tuple[str, list[int]]] = []  # texts kept this session, as token ids
+        self.vocab: dict[str, int] = {}
         self.leaks = [p.lower() for p in cfg.leak_phrases if p.strip()]
         self.heap: list[tuple[tuple[int, int, int], int, Attempt]] = []
         self.waiting: deque[tuple[int, Lineage]] = deque()  # lineages whose last outcome is not durable yet
@@ -528,8 +532,25 @@ class Evolver:
         if a.op != "breadth":
             nearest = [(t, f) for t, f in nearest if t not in a.lineage.ancestors]
         max_f = result.max_f if a.op == "breadth" else (nearest[0][1] if nearest else 0.0)
-        a.nearest, a.checked_at = nearest[: self.cfg.filters.nearest_k], len(self.index)
+        a.nearest, a.checked_at = nearest[: self.cfg.filters.nearest_k], len(self.kept_now)
         return max_f <= self.index.threshold
+
+    def _novel_since_check(self, a: Attempt) -> bool:
+        """The novelty check again, against only the texts kept while the attempt was at the judge and the
+        answer: exact ROUGE-L F pair by pair (none of them can be of its own lineage, which has one attempt at a
+        time). Far cheaper than querying the whole pool again."""
+        mine = self._token_ids(a.instruction)
+        scores = [
+            (text, rouge_fmeasure(LCSseq.similarity(mine, ids), len(mine), len(ids)))
+            for text, ids in self.kept_now[a.checked_at :]
+        ]
+        scores = [(text, f) for text, f in scores if f > 0]
+        a.nearest = sorted(a.nearest + scores, key=lambda pair: -pair[1])[: self.cfg.filters.nearest_k]
+        return all(f <= self.index.threshold for _, f in scores)
+
+    def _token_ids(self, text: str) -> list[int]:
+        """The index's ROUGE tokens as small ints (LCS over ints: no hash collisions between distinct tokens)."""
+        return [self.vocab.setdefault(token, len(self.vocab)) for token in self.index.tokenize(text)]
 
     # -- outcomes
     def _done(self, a: Attempt, reason: str | None) -> None:
@@ -557,7 +578,7 @@ class Evolver:
         self._done(a, reason)
 
     def _keep(self, a: Attempt) -> None:
-        if len(self.index) != a.checked_at and not self._novel(a):  # the pool grew since the first check
+        if not self._novel_since_check(a):
             return self._reject(a, TOO_SIMILAR)
         evol = a.evol()
         node = Node(a.id, a.instruction, a.input, a.output, evol["depth"])
@@ -577,6 +598,7 @@ class Evolver:
             }
         )
         self.index.add([a.instruction])
+        self.kept_now.append((a.instruction, self._token_ids(a.instruction)))
         if self.seen is not None:
             self.seen.add(_record_key(a.instruction, a.input))
         a.lineage.parent = node

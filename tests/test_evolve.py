@@ -171,6 +171,21 @@ def test_survivors_carry_provenance_and_corpus_holds_originals_plus_survivors(ev
     assert all("id" not in r and r["meta"]["task_id"] for r in corpus_lines[len(originals) :])
 
 
+def test_novelty_is_checked_again_against_what_was_kept_while_in_flight(tmp_path):
+    """Two rewrites in flight at once both pass the first check; the one decided second meets the first at keep."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(json.dumps({"instruction": TRIGGERED[k], "output": "ok"}) + "\n" for k in ("twin1", "twin2"))
+    )
+    with FakeOpenAI(responder=EvolveResponder(seed=1), latency=0.05) as server:
+        cfg = config(inp, tmp_path / "run", server, teacher={"concurrency": 8}, rounds=1, ops=["deepen"])
+        assert run_evolve(cfg, console=QUIET) == 0
+    (kept,) = lines(tmp_path / "run" / "evolved.jsonl")
+    (rejected,) = lines(tmp_path / "run" / "rejected.jsonl")
+    assert rejected["reason"] == "too_similar" and rejected["meta"]["step"] == "answer"  # after the answer
+    assert rejected["nearest"]["instruction"] == kept["instruction"] and rejected["nearest"]["score"] > 0.7
+
+
 def test_ops_are_drawn_uniformly_and_reproducibly_under_seed(tmp_path):
     inp = corpus(tmp_path / "in.jsonl", plain=12, triggered=False)
 
@@ -303,10 +318,11 @@ def test_sigkill_mid_round_then_resume_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "run"
     rng = random.Random(20261203)
     seen = {"evolved.jsonl": [], "rejected.jsonl": []}
-    kills = 0
+    kills = sessions = 0
     with FakeOpenAI(responder=EvolveResponder(seed=4), latency=0.02) as server:
         while kills < 3:
             before = sum(len(v) for v in seen.values())
+            sessions += 1
             proc = subprocess.Popen(
                 command(inp, out, server), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
@@ -336,7 +352,7 @@ def test_sigkill_mid_round_then_resume_loses_and_duplicates_nothing(tmp_path):
         assert (out / name).read_text().endswith("\n")
     check_lineages(out, 34, 3)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["finished"] and summary["sessions"] == kills + 1
+    assert summary["finished"] and summary["sessions"] == sessions + 1
     assert summary["kept"] == len(lines(out / "evolved.jsonl"))
     assert summary["corpus_records"] == 34 + summary["kept"] == len(lines(out / "corpus.jsonl"))
 
