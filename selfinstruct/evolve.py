@@ -386,7 +386,6 @@ class Evolver:
         self.kept_out: list[dict[str, Any]] = []
         self.rejected_out: list[dict[str, Any]] = []
         self.decided: list[Lineage] = []  # lineages whose outcome this `handle` call writes
-        self.unfinished = 0  # attempts given up this session (their requests kept failing)
         self._seq = 0
         for lineage in lineages:
             self._schedule(lineage)
@@ -457,9 +456,7 @@ class Evolver:
             if not self.ctx.accept(label, response):
                 a.failures += 1
                 if a.failures <= 1:
-                    self._push(a)  # once more this session, else the next run picks it up
-                else:
-                    self.unfinished += 1
+                    self._push(a)  # once more this session; after that the next run picks it up
                 continue
             choice = response.choices[0] if response.choices else None
             text = choice.text if choice else ""

@@ -29,7 +29,7 @@ from selfinstruct.evolve import (
 )
 from selfinstruct.filters import FilterConfig
 from selfinstruct.teachers import TeacherConfig
-from selfinstruct.testing import FakeOpenAI, tiny_vllm_config
+from selfinstruct.testing import FakeOpenAI, Reply, tiny_vllm_config
 from selfinstruct.testing.responders import SMALL_SEEDS, EvolveResponder
 
 QUIET = Console(stderr=True, quiet=True)
@@ -184,6 +184,24 @@ def test_novelty_is_checked_again_against_what_was_kept_while_in_flight(tmp_path
     (rejected,) = lines(tmp_path / "run" / "rejected.jsonl")
     assert rejected["reason"] == "too_similar" and rejected["meta"]["step"] == "answer"  # after the answer
     assert rejected["nearest"]["instruction"] == kept["instruction"] and rejected["nearest"]["score"] > 0.7
+
+
+def test_a_request_that_fails_after_all_retries_is_tried_again(tmp_path):
+    inp = corpus(tmp_path / "in.jsonl", plain=3, triggered=False)
+    responder, failed = EvolveResponder(seed=1), []
+
+    def flaky(request: dict):  # the first answer request gets a 400: it fails at once, without retries
+        if request.get("max_tokens") != 1 and "response_format" not in request and not failed:
+            failed.append(request)
+            return Reply(status=400, error="this request is refused")
+        return responder(request)
+
+    with FakeOpenAI(responder=flaky) as server:
+        assert run_evolve(config(inp, tmp_path / "run", server, rounds=1), console=QUIET) == 0
+    check_lineages(tmp_path / "run", 3, 1)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["failed_requests"] == 1 and summary["retries"] == 0
+    assert summary["requests"] == 3 * 3 + 1  # rewrite, judge, answer per record, and the failed answer again
 
 
 def test_ops_are_drawn_uniformly_and_reproducibly_under_seed(tmp_path):
