@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from selfinstruct.errors import UserError
 from selfinstruct.evolve import (
     OPS,
     EvolveConfig,
@@ -202,6 +203,19 @@ def test_a_request_that_fails_after_all_retries_is_tried_again(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["failed_requests"] == 1 and summary["retries"] == 0
     assert summary["requests"] == 3 * 3 + 1  # rewrite, judge, answer per record, and the failed answer again
+
+
+def test_a_larger_rounds_extends_a_finished_run_and_other_input_is_refused(tmp_path):
+    inp = corpus(tmp_path / "in.jsonl", plain=4, triggered=False)
+    with FakeOpenAI(responder=EvolveResponder(seed=1)) as server:
+        assert run_evolve(config(inp, tmp_path / "run", server, rounds=1), console=QUIET) == 0
+        first = (tmp_path / "run" / "evolved.jsonl").read_text()
+        assert run_evolve(config(inp, tmp_path / "run", server, rounds=2), console=QUIET) == 0
+        check_lineages(tmp_path / "run", 4, 2)
+        assert (tmp_path / "run" / "evolved.jsonl").read_text().startswith(first)
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["sessions"] == 2
+        with pytest.raises(UserError, match="evolved other records"):
+            run_evolve(config(inp, tmp_path / "run", server, rounds=2, max_records=2), console=QUIET)
 
 
 def test_ops_are_drawn_uniformly_and_reproducibly_under_seed(tmp_path):
