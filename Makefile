@@ -56,6 +56,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_filter.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_evolve.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_templatize.py
 

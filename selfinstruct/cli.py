@@ -31,6 +31,10 @@ COMMANDS: dict[str, Command] = {
         "Grow an instruction corpus from seed tasks with a teacher LLM (Self-Instruct or Alpaca pipeline).",
         "selfinstruct.generate:GenerateConfig:run_generate",
     ),
+    "evolve": Command(
+        "Evol-Instruct (WizardLM): rewrite a corpus into harder and new tasks over rounds, eliminating failures.",
+        "selfinstruct.evolve:EvolveConfig:run_evolve",
+    ),
     "filter": Command(
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",

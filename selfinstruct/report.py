@@ -347,6 +347,60 @@ def _generation(source: Source) -> dict[str, Any]:
     return out
 
 
+def _evolution(source: Source, parser: str) -> dict[str, Any]:
+    """An evolve run (`selfinstruct evolve`): attempts and survivors per round and operation (evolved.jsonl +
+    rejected.jsonl), and how the corpus changes with depth: instruction length, root-verb diversity, answer length
+    (corpus.jsonl; originals are depth 0)."""
+    evolved = source.path / "evolved.jsonl"
+    if not source.is_run or not evolved.is_file():
+        return {"available": False, "reason": "not an evolve run"}
+    attempts: Counter[tuple[int, str]] = Counter()
+    survived: Counter[tuple[int, str]] = Counter()
+    rejected: dict[int, Counter[str]] = {}
+    for rec in read_jsonl(evolved):
+        evol = rec["meta"]["evol"]
+        attempts[(evol["round"], evol["op"])] += 1
+        survived[(evol["round"], evol["op"])] += 1
+    for rec in source.rejected or []:
+        evol = (rec.get("meta") or {}).get("evol")
+        if evol:
+            attempts[(evol["round"], evol["op"])] += 1
+            rejected.setdefault(evol["round"], Counter())[str(rec.get("reason"))] += 1
+    rounds: dict[str, Any] = {}
+    by_op: dict[str, dict[str, Any]] = {}
+    for (round_, op), n in sorted(attempts.items()):
+        r = rounds.setdefault(str(round_), {"attempts": 0, "survived": 0, "by_op": {}})
+        r["attempts"] += n
+        r["survived"] += survived[(round_, op)]
+        r["by_op"][op] = {"attempts": n, "survived": survived[(round_, op)]}
+        r["rejected_by_reason"] = dict(rejected.get(round_, Counter()).most_common())
+        total = by_op.setdefault(op, {"attempts": 0, "survived": 0})
+        total["attempts"] += n
+        total["survived"] += survived[(round_, op)]
+    for total in by_op.values():
+        total["survival_rate"] = total["survived"] / total["attempts"]
+    groups: dict[int, list[CorpusRecord]] = {}
+    for r in source.instances:
+        groups.setdefault(int((r.meta.get("evol") or {}).get("depth", 0)), []).append(r)
+    by_depth = []
+    for depth, records in sorted(groups.items()):
+        verbs = verbs_and_objects([r.instruction for r in records], parser, 5)
+        by_depth.append(
+            {
+                "depth": depth,
+                "records": len(records),
+                "instruction_words": length_stats([words(r.instruction + " " + r.input) for r in records]),
+                "answer_words": length_stats([words(r.output) for r in records]),
+                "distinct_verbs": verbs["distinct_verbs"],
+                "share_with_verb": verbs["with_verb"] / len(records),
+            }
+        )
+    for d in by_depth:  # the histograms are per-depth noise in stats.json; keep the summary numbers
+        for key in ("instruction_words", "answer_words"):
+            d[key].pop("histogram", None)
+    return {"available": True, "rounds": rounds, "by_op": by_op, "by_depth": by_depth}
+
+
 def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs: int) -> dict[str, Any]:
     instructions, instances = source.instructions, source.instances
     with_input = sum(1 for r in instances if r.input.strip())
@@ -410,6 +464,7 @@ def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs
         "verbs": verbs_and_objects([i.text for i in instructions], parser, top_verbs),
         "rejections": _rejections(source),
         "generation": _generation(source),
+        "evolution": _evolution(source, parser),
     }
 
 
@@ -478,6 +533,32 @@ def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
         for y, (_, v) in enumerate(items):
             ax.text(v, y, f" {v}", va="center")
         save(fig, "rejections")
+
+    evolution = stats.get("evolution") or {}
+    if evolution.get("available") and evolution["by_depth"]:
+        depths = [d["depth"] for d in evolution["by_depth"]]
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        ops = list(evolution["by_op"].items())
+        axes[0].bar([op for op, _ in ops], [100 * o["survival_rate"] for _, o in ops], color="#4C72B0")
+        axes[0].set_title("survival rate per operation (%)")
+        axes[0].tick_params(axis="x", rotation=30)
+        lines = (
+            ("instruction_words", "#4C72B0", "instruction + input"),
+            ("answer_words", "#C44E52", "answer"),
+        )
+        for key, color, label in lines:
+            axes[1].plot(
+                depths, [d[key].get("mean", 0) for d in evolution["by_depth"]], "o-", color=color, label=label
+            )
+        axes[1].set_title("mean length (words) by depth")
+        axes[1].legend(frameon=False)
+        bars = axes[2].bar(depths, [d["distinct_verbs"] for d in evolution["by_depth"]], color="#55A868")
+        axes[2].bar_label(bars, labels=[f"of {d['records']}" for d in evolution["by_depth"]])
+        axes[2].set_title("distinct root verbs by depth (of n records)")
+        for ax in axes[1:]:
+            ax.set_xlabel("depth (0 = original)")
+            ax.set_xticks(depths)
+        save(fig, "evolution")
     return written
 
 
@@ -687,6 +768,41 @@ def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[C
         body = _unavailable(g)
     sections.append(("Generation: tokens, cost, parse failures", body))
 
+    evolution = stats.get("evolution") or {}
+    if evolution.get("available"):
+        ops = list(evolution["by_op"])
+        round_rows = [
+            [html.escape(k), f"{_num(r['survived'])} / {_num(r['attempts'])}"]
+            + [
+                f"{r['by_op'][op]['survived']} / {r['by_op'][op]['attempts']}" if op in r["by_op"] else "–"
+                for op in ops
+            ]
+            for k, r in evolution["rounds"].items()
+        ]
+        round_rows.append(
+            ["survival rate", ""] + [_pct(evolution["by_op"][op]["survival_rate"]) for op in ops]
+        )
+        depth_rows = [
+            [
+                _num(d["depth"]),
+                _num(d["records"]),
+                _num(d["instruction_words"].get("mean")),
+                _num(d["distinct_verbs"]),
+                _pct(d["share_with_verb"]),
+                _num(d["answer_words"].get("mean")),
+            ]
+            for d in evolution["by_depth"]
+        ]
+        body = (
+            _img(images.get("evolution"), "evolution by operation and depth")
+            + _grid(["round", "survived / attempts", *ops], round_rows)
+            + _grid(
+                ["depth", "records", "instruction words", "distinct verbs", "with a verb", "answer words"],
+                depth_rows,
+            )
+        )
+        sections.append(("Evolution by round, operation and depth", body))
+
     if examples:
         cards = "".join(
             "<div class='example'>"
@@ -746,5 +862,9 @@ def run_stats(cfg: StatsConfig) -> int:
     print(f"top root verbs ({stats['verbs']['parser']}): {top or 'none found'}")
     if stats["rejections"]["available"]:
         print(f"rejected candidates: {stats['rejections']['total']:,}")
+    evolution = stats["evolution"]
+    if evolution["available"]:
+        rates = ", ".join(f"{op} {_pct(o['survival_rate'])}" for op, o in evolution["by_op"].items())
+        print(f"evolution: survival by operation: {rates or 'no attempts yet'}")
     print(f"report: {out / 'report.html'} (stats.json and PNG plots beside it)")
     return 0

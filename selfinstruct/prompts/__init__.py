@@ -40,6 +40,13 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "classify": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
     "instances_input_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
     "instances_output_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
+    # `selfinstruct evolve`: one template per operation, the equality judge and the answer request
+    **{
+        f"evol_{op}": (frozenset({"task", "instruction", "input"}), frozenset({"task"}))
+        for op in ("constraints", "deepen", "concretize", "reasoning", "complicate_input", "breadth")
+    },
+    "evol_judge": (frozenset({"first", "second"}), frozenset({"first", "second"})),
+    "evol_answer": (frozenset({"prompt", "instruction", "input"}), frozenset({"prompt"})),
 }
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -397,3 +398,104 @@ def small_seed_tasks() -> list[dict[str, Any]]:
         }
         for k, (instruction, input_, output, is_clf) in enumerate(SMALL_SEEDS)
     ]
+
+
+# ---------------------------------------------------------------- `selfinstruct evolve`
+
+_TASK = re.compile(r"^Instruction: (.*)\nInput: (.*)$", re.M)
+_TRIGGER = re.compile(r"\[[a-z]+\]")
+EVOLVE_CLAUSES = [
+    "Answer in at most {n} sentences and give one example.",
+    "Explain each step of your reasoning before the final answer.",
+    "Include one concrete example involving {topic}.",
+    "Compare at least two different approaches and pick one.",
+    "Mention one common mistake to avoid and why it happens.",
+    "Write for {audience} and avoid all technical jargon.",
+    "Format the answer as a table with {n} rows.",
+    "Consider what changes if the budget is cut in half.",
+]
+
+
+class EvolveResponder:
+    """Callable for `FakeOpenAI(responder=...)`: the teacher of `selfinstruct evolve`.
+
+    It tells the three requests apart by what our templates put in them (the JSON schema's keys, the shape of the
+    task block, the line a completion prompt ends with): a rewrite appends a clause to the task (a breadth rewrite
+    writes a new one), the judge really compares the two tasks' words, an answer is a few plain sentences.
+    Fixture triggers in an instruction (they stay in its rewrites, so a lineage keeps failing):
+    `[leak]` rewrite names the evolving prompt · `[copy]` rewrite is its parent · `[equal]` rewrite only adds
+    "Please" (the judge says equal) · `[short]` rewrite is too short · `[broken]` rewrite is cut-off JSON ·
+    `[sorry]` answer apologises · `[stop]` answer is only stop words · `[flaky]` the first rewrite of any
+    `[flaky]` task leaks, later ones are fine · `[twin]` every rewrite is the same task plus a clause.
+    `structured`: answer chat rewrites in JSON even without `response_format` (else labelled lines).
+    """
+
+    def __init__(self, seed: int = 0, *, structured: bool = True):
+        self.seed, self.structured = seed, structured
+        self.flaky_done = False
+        self._lock = threading.Lock()
+
+    def __call__(self, request: dict[str, Any]) -> str | Reply:
+        chat = "messages" in request
+        text = "\n".join(m["content"] for m in request["messages"]) if chat else request.get("prompt", "")
+        rng = random.Random(hashlib.sha256(f"{self.seed}:{request.get('seed')}:{text}".encode()).digest())
+        schema = ((request.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
+        keys = set(schema.get("properties") or {})
+        end = text.rstrip()
+        if "equal" in keys or '{"equal": true}' in text or end.endswith("Answer:"):
+            return self._judge(text, chat)
+        if (
+            keys == {"instruction", "input"}
+            or '{"instruction": "...", "input": "..."}' in text
+            or (not chat and end.endswith("Instruction:"))
+        ):
+            return self._rewrite(text, chat, bool(keys) or self.structured, rng)
+        if chat:
+            return self._answer(request["messages"][-1]["content"], rng)
+        return " " + self._answer(text.split("### Request:\n", 1)[-1].split("\n\n### Response:")[0], rng)
+
+    def _rewrite(self, text: str, chat: bool, as_json: bool, rng: random.Random) -> str:
+        parent, input_ = _TASK.search(text).groups()
+        input_ = "" if input_ == "<noinput>" else input_
+        triggers = " ".join(_TRIGGER.findall(parent))
+        clause = rng.choice(EVOLVE_CLAUSES).format(
+            n=rng.choice(NUMBERS), topic=_topic(rng), audience=rng.choice(AUDIENCES)
+        )
+        new = f"{parent} {clause}"
+        if "brand-new task" in text:  # breadth: another task of the same domain
+            new = f"{instruction(rng, bad_rate=0.0)} {triggers}".strip()
+        if "[flaky]" in parent:
+            with self._lock:
+                first, self.flaky_done = not self.flaky_done, True
+            if first:
+                new = f"Rewritten task: {new}"
+        if "[leak]" in parent:
+            new = f"As the given prompt asks, {new[0].lower()}{new[1:]}"
+        if "[copy]" in parent:
+            new = parent
+        if "[equal]" in parent:
+            new = f"Please {parent[0].lower()}{parent[1:]}"
+        if "[short]" in parent:
+            new = "Do it [short]"
+        if "[twin]" in parent:
+            new = f"Describe the water cycle to a curious child using {rng.choice(NUMBERS)} short sentences [twin]"
+        if "[broken]" in parent:
+            return '{"instruction": "' + new[:20]
+        if as_json and chat:
+            return json.dumps({"instruction": new, "input": input_})
+        if chat:
+            return f"Here is the harder version:\n\nInstruction: {new}\nInput: {input_ or '<noinput>'}"
+        return f" {new}\nInput: {input_ or '<noinput>'}\n"
+
+    def _judge(self, text: str, chat: bool) -> str:
+        (first, _), (second, _) = _TASK.findall(text)[:2]
+        added = set(second.lower().split()) - set(first.lower().split())
+        equal = added <= {"please"}
+        return json.dumps({"equal": equal}) if chat else (" Yes" if equal else " No")
+
+    def _answer(self, prompt: str, rng: random.Random) -> str:
+        if "[sorry]" in prompt:
+            return "I'm sorry, but I can't help with that request."
+        if "[stop]" in prompt:
+            return "It is what it is, and that is that."
+        return " ".join(_sentence(rng) for _ in range(rng.randint(2, 4)))
