@@ -40,6 +40,8 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "classify": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
     "instances_input_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
     "instances_output_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
+    "select_judge": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
+    "select_deita": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
 }
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
