@@ -52,6 +52,7 @@ bench: install
 	$(PY) benchmarks/bench_filter.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_dedup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -17,10 +17,10 @@ Combination (`--combine`): `product` = Π score_i^weight_i (scale-free: rescalin
 order), or `sum` = Σ weight_i × score_i min-max-normalised over the corpus. Ties are broken by a `--seed`ed
 random order, so a selection is deterministic.
 
-Diversity (DEITA's greedy walk): records are visited best first and one is taken only if its similarity to
-every record taken so far is at most `--max-similarity`: ROUGE-L F of the instructions (`rouge`, default 0.7,
-the exact index the novelty filter uses) or the cosine of sentence vectors (`embed`, default 0.9, encoder from
-`--encoder`), until N are taken.
+Diversity (DEITA's greedy walk): records are visited best first and one is taken only if it is not too similar
+to any record taken so far, until N are taken: ROUGE-L F of the instructions at most `--max-similarity` (`rouge`,
+default 0.7, the exact index the novelty filter uses), or cosine of sentence vectors of `--fields` below it
+(`embed`, default 0.9 as in DEITA, encoder from `--encoder`).
 
 Files in `--out`: `scores.jsonl` is an append-only cache, one line per (record, scorer, scoring model): a rerun
 scores only what is missing (after a crash, Ctrl-C or a budget stop, or with another combination or N), and the
