@@ -10,7 +10,7 @@ text of `--fields` (joined by newlines):
   permutations; its band layout is tuned to the threshold), and each candidate's exact Jaccard decides, so
   LSH only costs recall on borderline pairs, never precision.
 * `semantic`: cosine similarity of sentence vectors at least `--threshold` (default 0.9 for neural encoders,
-  0.6 for the hashed fallback); the encoder comes from `--encoder` (see `selfinstruct.embed`).
+  0.7 for the hashed fallback); the encoder comes from `--encoder` (see `selfinstruct.embed`).
 
 Records are judged in file order against the records kept so far, so the first of a group stays and every later
 near-copy points at it (star clusters around kept records: no chains of pairwise-similar records drifting away
@@ -52,7 +52,7 @@ FIELDS = ("instruction", "input", "output")
 REASONS = {"exact": "duplicate", "minhash": "near_duplicate", "semantic": "semantic_duplicate"}
 CONTAMINATED = "eval_overlap"
 OUTPUTS = ("kept.jsonl", "clusters.jsonl", "rejected.jsonl", "summary.json")
-DEFAULT_THRESHOLD = {"minhash": 0.6, "semantic": 0.9, "semantic-hashed": 0.6}
+DEFAULT_THRESHOLD = {"minhash": 0.6, "semantic": 0.9, "semantic-hashed": 0.7}
 
 
 class DedupConfig(Section):
@@ -71,7 +71,7 @@ class DedupConfig(Section):
         None,
         gt=0,
         le=1,
-        description="minhash: Jaccard of shingle sets (default 0.6); semantic: cosine (default 0.9, hashed 0.6)",
+        description="minhash: Jaccard of shingle sets (default 0.6); semantic: cosine (default 0.9, hashed 0.7)",
     )
     fields: list[str] = Field(["instruction", "input"], min_length=1, description="record fields compared")
     against: str | None = Field(

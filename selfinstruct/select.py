@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -336,10 +337,19 @@ class _Rater:
             temperature=0.0, top_p=1.0, max_tokens=cfg.judge_max_tokens, json_schema=schema
         )
         self.batch = teacher.concurrency if cfg.teacher.backend == "vllm" else 1
+        self.http_seed = None if cfg.teacher.backend == "vllm" else cfg.seed
         self.emit: Callable[[list[dict[str, Any]]], None] = lambda lines: None
         self.advance: Callable[[int], None] = lambda n: None
         self.stop_reason: str | None = None
         self.unparseable = 0
+
+    def _sampling(self, rid: str) -> Any:
+        """Over HTTP a per-request seed from `--seed` and the record (as generate does; OpenAI honours it on a
+        best-effort basis); the in-process engine gets none (its engine seed already fixes it)."""
+        if self.http_seed is None:
+            return self.sampling
+        digest = hashlib.blake2b(f"{self.http_seed}:{self.scorer}:{rid}".encode(), digest_size=4).digest()
+        return dataclasses.replace(self.sampling, seed=int.from_bytes(digest, "big") >> 1)
 
     def next_call(self, in_flight: int) -> list[Any] | None:
         from selfinstruct.teachers.base import TeacherRequest
@@ -356,7 +366,7 @@ class _Rater:
             messages, _ = self.template.render(
                 instruction=r.instruction, input=r.input.strip() or "(none)", output=r.output
             )
-            out.append(TeacherRequest(messages=messages, sampling=self.sampling, tag=(rid, r)))
+            out.append(TeacherRequest(messages=messages, sampling=self._sampling(rid), tag=(rid, r)))
         return out or None
 
     def handle(self, responses: list[Any]) -> None:
