@@ -171,6 +171,7 @@ def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_
         asked = server.completions()
         assert len(asked) == 1 + 18  # the start-up probe + only the records without a score
         assert asked[-1].json["response_format"]["type"] == "json_schema"
+        assert len({r.json["seed"] for r in asked[1:]}) == 18  # a seed per record, from --seed
         assert report["complete"] and report["selected"] == 10
         chosen = rows(out / "selected.jsonl")
         ratings = sorted((rating(r["output"]) for r in data), reverse=True)
