@@ -58,7 +58,7 @@ from selfinstruct.dedup import FIELDS, SemanticIndex, record_text
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_rows
-from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
+from selfinstruct.store import JsonlWriter, RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers.config import TeacherConfig
 
 Scorer = Literal["length", "ifd", "judge", "deita"]
@@ -164,20 +164,23 @@ def record_id(record: CorpusRecord) -> str:
 
 
 class ScoreCache:
-    """scores.jsonl: `{"id", "scorer", "by", "score", ...}` lines; the first good line per key wins."""
+    """scores.jsonl: `{"id", "scorer", "by", "score", ...}` lines; the first good line per key wins.
+
+    New lines go to `sink`: a plain appending writer for the local scorers, the runner's group-commit `Journal`
+    while the teacher answers (so the event loop never waits for an fsync)."""
 
     def __init__(self, run: RunDir):
         self.values: dict[tuple[str, str, str], dict[str, Any]] = {}
         for line in read_jsonl(run / SCORES):
             if line.get("score") is not None:
                 self.values.setdefault((line["scorer"], line["by"], line["id"]), line)
-        self.writer = run.writer(SCORES)
+        self.sink: Callable[[list[dict[str, Any]]], Any] = lambda lines: None
 
     def missing(self, scorer: str, by: str, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if (scorer, by, i) not in self.values]
 
     def add(self, lines: list[dict[str, Any]]) -> None:
-        self.writer.write(lines)
+        self.sink(lines)
         for line in lines:
             if line.get("score") is not None:
                 self.values.setdefault((line["scorer"], line["by"], line["id"]), line)
@@ -537,6 +540,8 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
             return lambda lines: cache.add([{"scorer": scorer, "by": by[scorer], **line} for line in lines])
 
         local = [s for s in cfg.score if s in ("length", "ifd")]
+        writer = JsonlWriter(run / SCORES)
+        cache.sink = writer.write
         if local:
             todo = {s: cache.missing(s, by[s], list(unique)) for s in local}
             tokenizer = model = None
@@ -557,6 +562,7 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
                     emitter("ifd"),
                     lambda n: progress.advance(task, n),
                 )
+        writer.close()
         if teacher_scorers:
             stop_reason, unparseable = _teacher_scoring(
                 cfg, run, cache, by, unique, templates, teacher_scorers, teacher, progress, emitter
@@ -632,6 +638,7 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
                 }
                 for s in cfg.score
             },
+            "teacher_usage": _usage(run) if teacher_scorers else None,
             "seconds": round(time.perf_counter() - started, 3),
             "out": str(out),
         }
@@ -639,9 +646,15 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
     return report
 
 
+def _usage(run: RunDir) -> dict[str, Any] | None:
+    """Teacher requests, tokens and estimated cost over all sessions of this output directory."""
+    path = run / STATE
+    return json.loads(path.read_text(encoding="utf-8")).get("usage") if path.is_file() else None
+
+
 def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, progress, emitter):
     """Rate what is missing with the teacher (judge and/or deita); returns (stop reason, unparseable answers)."""
-    from selfinstruct.pipeline.runner import Budget
+    from selfinstruct.pipeline.runner import Budget, Journal
     from selfinstruct.teachers import make_teacher
     from selfinstruct.teachers.base import Totals
 
@@ -666,10 +679,13 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
         task = progress.add_task(s, total=len(todo[s]))
         rater.emit, rater.advance = emitter(s), (lambda n, t=task: progress.advance(t, n))
         raters.append(rater)
+    journal = Journal(run, [SCORES])
+    cache.sink = lambda lines: journal.append(SCORES, lines)
     stop = asyncio.Event()
     try:
         completed = asyncio.run(_rate_all(the_teacher, raters, own, stop))
     finally:
+        journal.close()
         atomic_write_json(state_path, {"usage": vars(budget.total())})
     reason = next((r.stop_reason for r in raters if r.stop_reason), None)
     if not completed:

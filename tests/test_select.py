@@ -177,7 +177,8 @@ def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_
         ratings = sorted((rating(r["output"]) for r in data), reverse=True)
         assert [r["meta"]["select"]["scores"]["judge"] for r in chosen] == ratings[:10]
         state = json.loads((out / "select_state.json").read_text())
-        assert state["usage"]["requests"] == 12 + 18
+        assert state["usage"]["requests"] == 12 + 18 == report["teacher_usage"]["requests"]
+        assert report["teacher_usage"]["prompt_tokens"] > 0
 
         # DEITA = complexity x quality, and a product with length (cached: no new length scoring)
         report = select(cfg.model_copy(update={"score": ["deita", "length"], "weights": [1.0, 0.5]}))
