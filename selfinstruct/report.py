@@ -505,6 +505,8 @@ def _selection_plot(plt: Any, selection: dict[str, Any]) -> Any:
             alpha=0.85,
             label=f"selected ({len(values['selected'])})",
         )
+        if name == "ifd":
+            ax.axvline(1.0, color="black", lw=1, ls="--", label="IFD 1 (never selected at or above)")
         ax.set_ylabel("records")
         ax.legend(frameon=False)
     return fig
