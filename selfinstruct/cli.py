@@ -39,6 +39,14 @@ COMMANDS: dict[str, Command] = {
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",
     ),
+    "dedup": Command(
+        "Drop exact, near (MinHash) and semantic duplicates; --against an eval set to decontaminate.",
+        "selfinstruct.dedup:DedupConfig:run_dedup",
+    ),
+    "select": Command(
+        "Pick the best N records (length, IFD, LLM judge, DEITA scores) with a diversity constraint.",
+        "selfinstruct.select:SelectConfig:run_select",
+    ),
     "export": Command(
         "Write a run's corpus as Alpaca, chat messages, ShareGPT or Parquet, with a dataset card.",
         "selfinstruct.export:ExportConfig:run_export",

@@ -497,9 +497,14 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
     if cfg.max_examples and cfg.max_examples < len(records):
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_examples))
         records = [records[i] for i in keep]
-    train_categories = (
-        {category_of(r) for r in load_records(cfg.train_data, "evaluate")} if cfg.train_data else None
-    )
+    train_records = load_records(cfg.train_data, "evaluate") if cfg.train_data else None
+    train_categories = {category_of(r) for r in train_records} if train_records is not None else None
+    overlap = None
+    if train_records is not None:  # held-out records the model trained on measure memorisation
+        from selfinstruct.dedup import train_overlap, warn_overlap
+
+        overlap = train_overlap(records, train_records)
+        warn_overlap(overlap)
     base_spec = cfg.base
     if not base_spec and Path(model_spec).expanduser().is_dir():
         base_spec = _default_base(model_spec)
@@ -558,6 +563,7 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
             "max_length": cfg.max_length,
         },
         **_slices(scored, categories, unseen, train_categories is not None),
+        "train_overlap": overlap,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", result)

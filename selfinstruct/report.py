@@ -132,6 +132,9 @@ def load_source(path: str) -> Source:
         instructions, instances = _load_file(p)
         return Source(p, False, instructions, instances)
     corpus, kept = p / "corpus.jsonl", p / "instructions.jsonl"
+    if not corpus.is_file() and not kept.is_file() and (p / "selected.jsonl").is_file():  # a `select` output
+        instructions, instances = _load_file(p / "selected.jsonl")
+        return Source(p, False, instructions, instances)
     if not corpus.is_file() and not kept.is_file():
         raise UserError(f"{p}: not a run directory (no corpus.jsonl or instructions.jsonl)")
     seeds, threshold = _run_settings(p)
@@ -524,6 +527,10 @@ def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
     if top:
         save(_verb_donut(plt, top), "verbs")
 
+    selection = stats.get("selection") or {}
+    if selection.get("available"):
+        save(_selection_plot(plt, selection), "selection")
+
     reasons = stats["rejections"].get("by_reason") or {}
     if reasons:
         items = list(reasons.items())[:15][::-1]
@@ -560,6 +567,42 @@ def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
             ax.set_xticks(depths)
         save(fig, "evolution")
     return written
+
+
+def selection_section(path: Path) -> dict[str, Any]:
+    """Scores of selected vs other records when `path` is (or sits in) a `selfinstruct select` output."""
+    from selfinstruct.select import selection_stats
+
+    found = selection_stats(path)
+    if found is None:
+        return {"available": False, "reason": "not a select output (no select_report.json and scores.jsonl)"}
+    return {"available": True, **found}
+
+
+def _selection_plot(plt: Any, selection: dict[str, Any]) -> Any:
+    """One histogram per scorer: selected records over the others, on shared bins."""
+    scorers = selection["scorers"]
+    fig, axes = plt.subplots(1, len(scorers), figsize=(4.2 * len(scorers), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scorers.items(), strict=True):
+        both = values["selected"] + values["other"]
+        ax.set_title(f"{name} score")
+        if not both:
+            continue
+        lo, hi = min(both), max(both)
+        bins = [lo + (hi - lo) * k / 20 for k in range(21)] if hi > lo else 1
+        ax.hist(values["other"], bins=bins, color="#BBBBBB", label=f"not selected ({len(values['other'])})")
+        ax.hist(
+            values["selected"],
+            bins=bins,
+            color="#4C72B0",
+            alpha=0.85,
+            label=f"selected ({len(values['selected'])})",
+        )
+        if name == "ifd":
+            ax.axvline(1.0, color="black", lw=1, ls="--", label="IFD 1 (never selected at or above)")
+        ax.set_ylabel("records")
+        ax.legend(frameon=False)
+    return fig
 
 
 def _verb_donut(plt: Any, top: list[dict[str, Any]]) -> Any:
@@ -619,6 +662,10 @@ def _num(value: Any, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return f"{value:,}" if isinstance(value, int) else html.escape(str(value))
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 def _pct(value: float | None) -> str:
@@ -802,6 +849,21 @@ def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[C
             )
         )
         sections.append(("Evolution by round, operation and depth", body))
+    selection = stats.get("selection") or {}
+    if selection.get("available"):
+        rows = [
+            [
+                html.escape(name),
+                _num(len(v["selected"])),
+                _num(_mean(v["selected"]), 2),
+                _num(_mean(v["other"]), 2),
+            ]
+            for name, v in selection["scorers"].items()
+        ]
+        body = _grid(["scorer", "selected", "mean (selected)", "mean (others)"], rows)
+        sections.append(
+            ("Selection: scores of selected vs other records", body + _img(images.get("selection"), "scores"))
+        )
 
     if examples:
         cards = "".join(
@@ -839,6 +901,7 @@ def stats_report(cfg: StatsConfig) -> tuple[dict[str, Any], Path]:
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     stats = compute_stats(source, cfg.seeds, cfg.parser, cfg.top_verbs)
+    stats["selection"] = selection_section(source.path)
     images = _plots(stats, out)
     stats["plots"] = {name: path.name for name, path in images.items()}
     rng = random.Random(cfg.seed)

@@ -235,3 +235,28 @@ def load_corpus_any(
     p = Path(path)
     records = records if records is not None else read_json_records(p)
     return seed_corpus(_seed_tasks(p, records)) if is_seed_format(records[0][1]) else _alpaca(p, records)
+
+
+def load_corpus_rows(path: str | Path) -> list[tuple[int, dict[str, Any], CorpusRecord]]:
+    """(line, object to write back, record) for every record of a corpus file or a run directory's corpus.jsonl.
+
+    For Alpaca files the object is the line as read, so curation commands (`dedup`, `select`) pass records on
+    unchanged, extra keys included; a seed file's instances become Alpaca objects (as `load_corpus_any` reads
+    them, with task id and category under `meta`), each tagged with its task's line.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "corpus.jsonl"
+        if not p.is_file():
+            raise InputFileError(p.parent, None, "no corpus.jsonl in this run directory (pass a corpus file)")
+    rows = read_json_records(p)
+    if any(k in rows[0][1] for k in ("messages", "conversations", "prompt")):
+        raise InputFileError(
+            p, rows[0][0], "needs Alpaca records (instruction/input/output), not chat messages"
+        )
+    if is_seed_format(rows[0][1]):
+        tasks = _seed_tasks(p, rows)
+        return [
+            (line, r.to_dict(), r) for (line, _), t in zip(rows, tasks, strict=True) for r in seed_corpus([t])
+        ]
+    return [(line, obj, rec) for (line, obj), rec in zip(rows, _alpaca(p, rows), strict=True)]

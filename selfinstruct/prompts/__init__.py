@@ -47,6 +47,8 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     },
     "evol_judge": (frozenset({"first", "second"}), frozenset({"first", "second"})),
     "evol_answer": (frozenset({"prompt", "instruction", "input"}), frozenset({"prompt"})),
+    "select_judge": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
+    "select_deita": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
 }
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
