@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selfinstruct.errors import UserError
 
@@ -274,3 +274,8 @@ def save_config(command: str, cfg: Section, path: str | Path) -> None:
     from selfinstruct.store import atomic_write_text
 
     atomic_write_text(Path(path), config_to_toml(command, cfg))
+
+
+def optional(description: str, **kw: Any) -> Any:
+    """A setting that is unset (None) unless given: the flag's help text says what unset means."""
+    return Field(None, description=description, **kw)

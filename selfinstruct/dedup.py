@@ -50,6 +50,16 @@ from selfinstruct.store import RunDir
 
 Method = Literal["exact", "minhash", "semantic"]
 FIELDS = ("instruction", "input", "output")
+
+
+def known_fields(fields: list[str]) -> list[str]:
+    """Validate a `--fields` list (the record fields a text is made of)."""
+    for f in fields:
+        if f not in FIELDS:
+            raise ValueError(f"unknown field {f!r} (choose from {', '.join(FIELDS)})")
+    return fields
+
+
 REASONS = {"exact": "duplicate", "minhash": "near_duplicate", "semantic": "semantic_duplicate"}
 CONTAMINATED = "eval_overlap"
 OUTPUTS = ("kept.jsonl", "clusters.jsonl", "rejected.jsonl", "summary.json")
@@ -92,13 +102,7 @@ class DedupConfig(Section):
     seed: int = Field(1, description="minhash: permutation seed")
     force: bool = Field(False, description="overwrite the outputs in --out")
 
-    @field_validator("fields")
-    @classmethod
-    def _known_fields(cls, fields: list[str]) -> list[str]:
-        for f in fields:
-            if f not in FIELDS:
-                raise ValueError(f"unknown field {f!r} (choose from {', '.join(FIELDS)})")
-        return fields
+    _known_fields = field_validator("fields")(classmethod(lambda cls, fields: known_fields(fields)))
 
 
 def record_text(record: CorpusRecord, fields: Sequence[str]) -> str:

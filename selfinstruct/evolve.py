@@ -31,6 +31,7 @@ import random
 import re
 import signal
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, FilterConfig, novelty_index
 from selfinstruct.filters.heuristics import build_heuristics, normalize
 from selfinstruct.filters.rouge import rouge_fmeasure
-from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor
+from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor, open_state
 from selfinstruct.parsing import _clean_input, _json_values, _object, _text, _unfence, collapse, parse_yes_no
 from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.bootstrap import RAW_TEXT_LIMIT
@@ -617,29 +618,20 @@ def load_input(path: str) -> tuple[list[CorpusRecord], Path]:
     return load_corpus_any(p), p
 
 
-def _open_state(run: RunDir, identity: dict[str, Any]) -> dict[str, Any]:
-    """state.json of this run; the directory must be empty or an evolve run of the same input."""
-    path = run / STATE
-    if path.exists():
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: unreadable run state ({e}); use another --out") from None
-        old = state.get("identity", {})
+def _mismatch(run: RunDir, identity: dict[str, Any]) -> Callable[[dict[str, Any]], str | None]:
+    """Why a run directory belongs to another run: not an evolve run, or other input records."""
+
+    def check(old: dict[str, Any]) -> str | None:
         if old.get("command") != "evolve":
-            raise UserError(f"{run.path} is not an evolve run; use another --out")
+            return f"{run.path} is not an evolve run; use another --out"
         if old.get("input_sha256") != identity["input_sha256"] or old.get("records") != identity["records"]:
-            raise UserError(
+            return (
                 f"{run.path} evolved other records ({old.get('input')}, {old.get('records')} records); use the "
                 "same INPUT and --max-records to resume, or another --out"
             )
-        return state
-    foreign = sorted(p.name for p in run.path.iterdir() if p.name != ".lock")
-    if foreign:
-        raise UserError(
-            f"{run.path} is not empty and is not an evolve run ({foreign[0]}, …); use another --out"
-        )
-    return {"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0}
+        return None
+
+    return check
 
 
 def restore(
@@ -792,7 +784,7 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
     with RunDir(cfg.out) as run:
         if run.path.resolve() == source.parent.resolve() and source.name == CORPUS:
             raise UserError(f"{run.path}: --out must not be the input run directory")
-        state = _open_state(run, identity)
+        state = open_state(run, identity, "an evolve run", _mismatch(run, identity))
         state["sessions"] = state.get("sessions", 0) + 1
         atomic_write_json(run / STATE, state)
         save_config("evolve", cfg, run / CONFIG)

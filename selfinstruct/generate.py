@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from selfinstruct.config import Section, save_config
+from selfinstruct.config import Section, optional, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
 from selfinstruct.pipeline import (
@@ -48,10 +49,6 @@ SUMMARY = "summary.json"
 CONFIG = "config.toml"
 SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
-
-
-def _opt(description: str, **kw: Any) -> Any:
-    return Field(None, description=description, **kw)
 
 
 class GenerateConfig(Section):
@@ -93,35 +90,39 @@ class GenerateConfig(Section):
     decoding: Literal["auto", "reference", "chat"] = Field(
         "auto", description="decoding preset: auto = reference for --api completions, chat otherwise"
     )
-    bootstrap_temperature: float | None = _opt("bootstrap temperature (reference 0.7)", ge=0)
-    bootstrap_top_p: float | None = _opt("bootstrap top_p (reference 0.5)", gt=0, le=1)
-    bootstrap_presence_penalty: float | None = _opt("bootstrap presence penalty (reference 2)", ge=-2, le=2)
-    bootstrap_max_tokens: int | None = _opt("bootstrap max tokens per completion (1024)", ge=1)
-    classify_max_tokens: int | None = _opt("classification max tokens (reference 3, chat 32)", ge=1)
-    instances_temperature: float | None = _opt("instance generation temperature (0)", ge=0)
-    instances_presence_penalty: float | None = _opt(
+    bootstrap_temperature: float | None = optional("bootstrap temperature (reference 0.7)", ge=0)
+    bootstrap_top_p: float | None = optional("bootstrap top_p (reference 0.5)", gt=0, le=1)
+    bootstrap_presence_penalty: float | None = optional(
+        "bootstrap presence penalty (reference 2)", ge=-2, le=2
+    )
+    bootstrap_max_tokens: int | None = optional("bootstrap max tokens per completion (1024)", ge=1)
+    classify_max_tokens: int | None = optional("classification max tokens (reference 3, chat 32)", ge=1)
+    instances_temperature: float | None = optional("instance generation temperature (0)", ge=0)
+    instances_presence_penalty: float | None = optional(
         "instance presence penalty (reference 1.5, chat 0)", ge=-2, le=2
     )
-    instances_max_tokens: int | None = _opt("instance max tokens (reference 300, chat 1024)", ge=1)
-    alpaca_temperature: float | None = _opt("alpaca temperature (1.0)", ge=0)
-    alpaca_top_p: float | None = _opt("alpaca top_p (1.0)", gt=0, le=1)
-    alpaca_max_tokens: int | None = _opt("alpaca max tokens (3072)", ge=1)
+    instances_max_tokens: int | None = optional("instance max tokens (reference 300, chat 1024)", ge=1)
+    alpaca_temperature: float | None = optional("alpaca temperature (1.0)", ge=0)
+    alpaca_top_p: float | None = optional("alpaca top_p (1.0)", gt=0, le=1)
+    alpaca_max_tokens: int | None = optional("alpaca max tokens (3072)", ge=1)
     # instances and corpus
     max_instances: int = Field(5, ge=1, description="instances per task")
-    schema_max_chars: int | None = _opt(
+    schema_max_chars: int | None = optional(
         "structured output: longest string allowed in the JSON answers (maxLength; vLLM honours it, OpenAI's "
         "strict mode rejects it)",
         ge=1,
     )
     include_seeds: bool = Field(False, description="also put the seed tasks into corpus.jsonl")
     # budget and stopping
-    max_requests: int | None = _opt("stop after this many teacher requests (whole run, all sessions)", ge=1)
-    max_tokens: int | None = _opt("stop after this many prompt + completion tokens (whole run)", ge=1)
-    max_cost: float | None = _opt("stop after this much estimated cost in USD (whole run)", gt=0)
+    max_requests: int | None = optional(
+        "stop after this many teacher requests (whole run, all sessions)", ge=1
+    )
+    max_tokens: int | None = optional("stop after this many prompt + completion tokens (whole run)", ge=1)
+    max_cost: float | None = optional("stop after this much estimated cost in USD (whole run)", gt=0)
     patience: int = Field(
         200, ge=1, description="stop growing after this many answers in a row without a kept instruction"
     )
-    prompt_dir: str | None = _opt(
+    prompt_dir: str | None = optional(
         "directory with prompt templates overriding the built-in ones (by file name)"
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
@@ -155,31 +156,42 @@ def _identity(cfg: GenerateConfig) -> dict[str, Any]:
     }
 
 
-def _open_state(run: RunDir, identity: dict[str, Any]) -> dict[str, Any]:
-    """Load state.json and check that this run directory belongs to the same pipeline and seeds."""
+def open_state(
+    run: RunDir, identity: dict[str, Any], kind: str, mismatch: Callable[[dict[str, Any]], str | None]
+) -> dict[str, Any]:
+    """Load state.json, or start one for an empty directory. `mismatch(old identity)` says why this run
+    directory belongs to another run (one line for the user), or None; a non-empty directory without state is
+    refused, so a command never writes into files it did not make."""
     path = run / STATE
     if path.exists():
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: unreadable run state ({e}); use another --out") from None
-        old = state.get("identity", {})
-        if old.get("pipeline") != identity["pipeline"]:
-            raise UserError(
-                f"{run.path} holds a {old.get('pipeline')} run; --pipeline {identity['pipeline']} needs another --out"
-            )
-        if old.get("seeds_sha256") != identity["seeds_sha256"]:
-            raise UserError(
-                f"{run.path} was generated from other seeds ({old.get('seeds')}); use the same seeds to resume "
-                "or another --out"
-            )
+        problem = mismatch(state.get("identity", {}))
+        if problem:
+            raise UserError(problem)
         return state
     foreign = sorted(p.name for p in run.path.iterdir() if p.name != ".lock")
     if foreign:
-        raise UserError(
-            f"{run.path} is not empty and is not a generate run ({foreign[0]}, …); use another --out"
-        )
+        raise UserError(f"{run.path} is not empty and is not {kind} ({foreign[0]}, …); use another --out")
     return {"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0}
+
+
+def _mismatch(run: RunDir, identity: dict[str, Any]) -> Callable[[dict[str, Any]], str | None]:
+    """Why a run directory belongs to another generate run: another pipeline or other seeds."""
+
+    def check(old: dict[str, Any]) -> str | None:
+        if old.get("pipeline") != identity["pipeline"]:
+            return f"{run.path} holds a {old.get('pipeline')} run; --pipeline {identity['pipeline']} needs another --out"
+        if old.get("seeds_sha256") != identity["seeds_sha256"]:
+            return (
+                f"{run.path} was generated from other seeds ({old.get('seeds')}); use the same seeds to resume "
+                "or another --out"
+            )
+        return None
+
+    return check
 
 
 def _initial_stats(run: RunDir, cfg: GenerateConfig) -> dict[str, StageStats]:
@@ -370,7 +382,7 @@ def run_generate(
                 prompts.get(name)
     identity = _identity(cfg)
     with RunDir(cfg.out) as run:
-        state = _open_state(run, identity)
+        state = open_state(run, identity, "a generate run", _mismatch(run, identity))
         state["sessions"] = state.get("sessions", 0) + 1
         atomic_write_json(run / STATE, state)
         save_config("generate", cfg, run / CONFIG)

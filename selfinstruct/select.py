@@ -52,8 +52,8 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from selfinstruct.config import Section
-from selfinstruct.dedup import FIELDS, SemanticIndex, record_text
+from selfinstruct.config import Section, optional
+from selfinstruct.dedup import SemanticIndex, known_fields, record_text
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_rows
@@ -86,10 +86,6 @@ DEITA_SCHEMA: dict[str, Any] = {
 }
 
 
-def _opt(description: str, **kw: Any) -> Any:
-    return Field(None, description=description, **kw)
-
-
 class SelectConfig(Section):
     """The `[select]` table and the `selfinstruct select` flags."""
 
@@ -98,7 +94,7 @@ class SelectConfig(Section):
         description="corpus: Alpaca JSON/JSONL, self-instruct seed JSONL, or a run directory (its corpus.jsonl)",
         json_schema_extra={"positional": True},
     )
-    out: str | None = _opt("output directory (default: <input stem>-select next to it); rerun to resume")
+    out: str | None = optional("output directory (default: <input stem>-select next to it); rerun to resume")
     n: int = Field(1000, ge=1, description="records to select")
     score: list[Scorer] = Field(["length"], min_length=1, description="scorers: length, ifd, judge, deita")
     weights: list[float] = Field([], description="one weight per scorer (default: all 1)")
@@ -108,7 +104,7 @@ class SelectConfig(Section):
     diversity: Literal["none", "rouge", "embed"] = Field(
         "none", description="greedy walk that skips records too similar to ones already selected"
     )
-    max_similarity: float | None = _opt(
+    max_similarity: float | None = optional(
         "most similarity allowed between two selected records (default: rouge 0.7, embed 0.9)", gt=0, le=1
     )
     fields: list[str] = Field(
@@ -117,7 +113,7 @@ class SelectConfig(Section):
     encoder: str = Field(
         "auto", description="embed diversity: auto, minilm, hashed, or a sentence-transformers model"
     )
-    scorer_model: str | None = _opt(
+    scorer_model: str | None = optional(
         "ifd: causal LM (directory, LoRA adapter or hub id); length: its tokenizer counts tokens"
     )
     scorer_batch_size: int = Field(8, ge=1, description="ifd: sequences per forward pass")
@@ -125,19 +121,17 @@ class SelectConfig(Section):
     ifd_max: float = Field(1.0, gt=0, description="ifd: records with IFD at or above this are never selected")
     seed: int = Field(0, description="seed for breaking score ties")
     judge_max_tokens: int = Field(32, ge=1, description="judge/deita: max tokens of the teacher's answer")
-    max_requests: int | None = _opt("judge/deita: stop after this many teacher requests (all sessions)", ge=1)
-    max_tokens: int | None = _opt("judge/deita: stop after this many prompt + completion tokens", ge=1)
-    max_cost: float | None = _opt("judge/deita: stop after this much estimated cost in USD", gt=0)
-    prompt_dir: str | None = _opt("directory with prompt templates overriding select_judge / select_deita")
+    max_requests: int | None = optional(
+        "judge/deita: stop after this many teacher requests (all sessions)", ge=1
+    )
+    max_tokens: int | None = optional("judge/deita: stop after this many prompt + completion tokens", ge=1)
+    max_cost: float | None = optional("judge/deita: stop after this much estimated cost in USD", gt=0)
+    prompt_dir: str | None = optional(
+        "directory with prompt templates overriding select_judge / select_deita"
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge LLM")
 
-    @field_validator("fields")
-    @classmethod
-    def _known_fields(cls, fields: list[str]) -> list[str]:
-        for f in fields:
-            if f not in FIELDS:
-                raise ValueError(f"unknown field {f!r} (choose from {', '.join(FIELDS)})")
-        return fields
+    _known_fields = field_validator("fields")(classmethod(lambda cls, fields: known_fields(fields)))
 
     @model_validator(mode="after")
     def _check(self) -> SelectConfig:
