@@ -207,7 +207,7 @@ def test_bad_settings_are_one_line_errors(corpus, tmp_path):
         run(["select", str(corpus), "--score", "length,judge", "--weights", "1"])
     with pytest.raises(UserError, match="--scorer-model"):
         select(SelectConfig(input=str(corpus), out=str(tmp_path / "o"), score=["ifd"]))
-    with pytest.raises(UserError, match=r"--scorer-model \./missing: no such model directory"):
+    with pytest.raises(UserError, match=r"--scorer-model \./missing: no such directory"):
         select(
             SelectConfig(input=str(corpus), out=str(tmp_path / "o"), score=["ifd"], scorer_model="./missing")
         )
