@@ -113,6 +113,10 @@ class GenerateConfig(Section):
         ge=1,
     )
     include_seeds: bool = Field(False, description="also put the seed tasks into corpus.jsonl")
+    drop_repetitive: bool = Field(
+        True,
+        description="finetune: drop instances whose input or output loops on itself (not a reference rule)",
+    )
     # budget and stopping
     max_requests: int | None = _opt("stop after this many teacher requests (whole run, all sessions)", ge=1)
     max_tokens: int | None = _opt("stop after this many prompt + completion tokens (whole run)", ge=1)

@@ -3,7 +3,8 @@
 The reference's finetune-preparation rules: a task whose instances share a non-empty input but disagree on the
 output is dropped whole; duplicates are removed; an instance is dropped when its output is empty, its input
 equals its output, or its input or output ends with ":" (usually a cut-off generation); at most
-`max_instances` per task. The corpus is rebuilt from the run's files every time (it is cheap and makes the
+`max_instances` per task. One rule of ours comes on top (`--no-drop-repetitive` turns it off): an instance
+whose input or output loops on itself (`repetitive`), what a small teacher decoding greedily often writes. The corpus is rebuilt from the run's files every time (it is cheap and makes the
 stage trivially resumable) and replaced atomically, so a reader never sees half a corpus.
 """
 
@@ -13,13 +14,17 @@ import json
 from collections import Counter
 from typing import Any
 
+from selfinstruct.filters.heuristics import Repetitive
 from selfinstruct.pipeline import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, RunContext, read_keyed
 from selfinstruct.records import CorpusRecord, Instance
 from selfinstruct.store import atomic_write_text
 
 
-def clean_instances(instances: list[Instance], limit: int, dropped: Counter[str]) -> list[Instance]:
-    """The reference's rules; returns [] when the whole task must go. Reasons are counted in `dropped`."""
+def clean_instances(
+    instances: list[Instance], limit: int, dropped: Counter[str], repetitive: Repetitive | None = None
+) -> list[Instance]:
+    """The reference's rules (plus `repetitive`, when given); returns [] when the whole task must go. Reasons
+    are counted in `dropped`."""
     outputs_by_input: dict[str, set[str]] = {}
     for inst in instances:
         if inst.input.strip():
@@ -39,6 +44,8 @@ def clean_instances(instances: list[Instance], limit: int, dropped: Counter[str]
             reason = "input_equals_output"
         elif inp.endswith(":") or out.endswith(":"):
             reason = "ends_with_colon"
+        elif repetitive is not None and (repetitive(inp) or repetitive(out)):
+            reason = "repetitive"
         elif len(kept) >= limit:
             reason = "over_limit"
         else:
@@ -55,6 +62,7 @@ async def run(ctx: RunContext) -> None:
     labels = read_keyed(ctx.run, CLASSIFICATION)
     generated = read_keyed(ctx.run, INSTANCES) if cfg.pipeline == "self-instruct" else {}
     dropped: Counter[str] = Counter()
+    repetitive = Repetitive() if cfg.drop_repetitive else None
     records: list[CorpusRecord] = []
     waiting = tasks_dropped = 0
     for rec_id, rec in instructions.items():
@@ -67,7 +75,7 @@ async def run(ctx: RunContext) -> None:
             raw = rec["instances"]
         label = labels.get(rec_id, {}).get("is_classification", rec.get("is_classification"))
         instances = clean_instances(
-            [Instance(i["input"], i["output"]) for i in raw], cfg.max_instances, dropped
+            [Instance(i["input"], i["output"]) for i in raw], cfg.max_instances, dropped, repetitive
         )
         if not instances:
             tasks_dropped += 1
