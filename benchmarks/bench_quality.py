@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from selfinstruct.models import resolve_model
 
 from selfinstruct.cli import run as cli
 from selfinstruct.generate import GenerateConfig, _identity
@@ -217,6 +216,8 @@ def main() -> int:
     server = None
     base_url, model = args.base_url, args.model
     if base_url is None:
+        from selfinstruct.models import resolve_model
+
         port = free_port()
         model_dir = resolve_model(args.model)
         console.print(f"starting vLLM server on {model_dir} (log: {work / 'server.log'})")
