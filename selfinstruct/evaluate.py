@@ -14,8 +14,9 @@ instructions greedily with the tuned model and its base and scores them three wa
   training minimised, measured on held-out data.
 
 Both models see the same prompts: the template (chat or Alpaca) comes from the tuned model's
-`train_config.toml` when it has one. A LoRA adapter directory is merged into its base in a temporary directory
-first, so vLLM and transformers load a plain model.
+`train_config.toml` when it has one. Models are named as everywhere (`selfinstruct.models`): a LoRA adapter is
+merged into its base (once, in the model cache) and a GGUF file converted, so vLLM and transformers load a plain
+model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import random
 import re
 import string
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from pydantic import Field
 
 from selfinstruct.config import Section
 from selfinstruct.errors import UserError
+from selfinstruct.models import resolve_model
 from selfinstruct.records import CorpusRecord
 from selfinstruct.store import atomic_write_json, atomic_write_text
 from selfinstruct.teachers.config import TeacherConfig
@@ -303,51 +304,6 @@ def response_losses(
 # ---------------------------------------------------------------- models
 
 
-def _load_error(flag: str, spec: str, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return UserError(f"{flag} {spec}: cannot load ({first})")
-
-
-def _merge_adapter(adapter: Path, into: Path) -> Path:
-    """Fold a LoRA adapter into its base model and save the result (with the adapter's tokenizer) to `into`."""
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
-
-    print(f"merging LoRA adapter {adapter} into its base model ...", file=sys.stderr)
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype="auto")
-    model.merge_and_unload().save_pretrained(into)
-    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(into)
-    return into
-
-
-def resolve_model(spec: str, flag: str, scratch: Path) -> str:
-    """A loadable model path or hub id: model directories as they are, LoRA adapters merged into `scratch`
-    (or their `merged/` sibling from `train --merge`); anything that is neither fails with one line."""
-    from transformers import AutoConfig
-
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        if (local / "config.json").is_file():
-            return str(local)
-        if (local / "adapter_config.json").is_file():
-            if (local / "merged" / "config.json").is_file():
-                return str(local / "merged")
-            try:
-                return str(_merge_adapter(local, scratch))
-            except (OSError, ValueError) as e:
-                raise _load_error(flag, spec, e) from None
-        raise UserError(
-            f"{flag} {spec}: neither a model (config.json) nor a LoRA adapter (adapter_config.json)"
-        )
-    if local.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"{flag} {spec}: no such model directory")
-    try:
-        AutoConfig.from_pretrained(spec)
-    except (OSError, ValueError) as e:
-        raise _load_error(flag, spec, e) from None
-    return spec
-
-
 def _train_settings(model: str) -> dict[str, Any]:
     """The `[train]` table a `selfinstruct train` output directory carries (empty for other models)."""
     from selfinstruct.config import load_toml
@@ -393,11 +349,13 @@ class EvaluateConfig(Section):
 
     model: str | None = Field(
         None,
-        description="tuned model: a directory (full model or LoRA adapter, e.g. train's --out) or hub id",
+        description="tuned model: a directory (full model or LoRA adapter, e.g. train's --out), hub id, .gguf "
+        "file or built-in name",
     )
     base: str | None = Field(
         None,
-        description="base model to compare with (default: the one --model was trained from, if recorded)",
+        description="base model to compare with, named as --model (default: the one --model was trained from, "
+        "if recorded)",
     )
     data: str | None = Field(
         None,
@@ -546,49 +504,44 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
         if base_spec:
             print(f"comparing with base model {base_spec} (recorded in {model_spec})", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix="selfinstruct-eval-") as scratch:
-        models = [_Model("tuned", model_spec, "", cfg.served_model or model_spec)]
-        if base_spec:
-            models.append(_Model("base", base_spec, "", cfg.served_base or base_spec))
-        for m in models:  # all of them before any engine starts: a bad path fails in seconds
-            m.path = resolve_model(
-                m.spec, f"--{'model' if m.role == 'tuned' else 'base'}", Path(scratch) / m.role
-            )
-        template = _template(cfg, models[0].path)
-        examples = examples_for(records, template)
-        references = [
-            e["completion"] if isinstance(e["completion"], str) else e["completion"][0]["content"]
-            for e in examples
-        ]
-        scored: dict[str, list[_Scored]] = {}
-        done: dict[str, tuple[list[str], list[Loss | None]]] = {}  # by path: a model given twice runs once
-        for m in models:
-            if m.path not in done:
-                print(f"answering {len(examples)} held-out prompts with {m.spec} ...", file=sys.stderr)
-                if teachers and m.role in teachers:
-                    answers = asyncio.run(_answers(teachers[m.role], examples, cfg.max_tokens))
-                else:
-                    answers = asyncio.run(_answers_from(cfg, m, examples))
-                losses: list[Loss | None] = [None] * len(examples)
-                if cfg.loss:
-                    losses = list(
-                        response_losses(
-                            m.path, examples, max_length=cfg.max_length, batch_size=cfg.loss_batch_size
-                        )
+    models = [_Model("tuned", model_spec, "", cfg.served_model or model_spec)]
+    if base_spec:
+        models.append(_Model("base", base_spec, "", cfg.served_base or base_spec))
+    for m in models:  # all of them before any engine starts: a bad path fails in seconds
+        m.path = resolve_model(m.spec, f"--{'model' if m.role == 'tuned' else 'base'}")
+    template = _template(cfg, models[0].path)
+    examples = examples_for(records, template)
+    references = [
+        e["completion"] if isinstance(e["completion"], str) else e["completion"][0]["content"]
+        for e in examples
+    ]
+    scored: dict[str, list[_Scored]] = {}
+    done: dict[str, tuple[list[str], list[Loss | None]]] = {}  # by path: a model given twice runs once
+    for m in models:
+        if m.path not in done:
+            print(f"answering {len(examples)} held-out prompts with {m.spec} ...", file=sys.stderr)
+            if teachers and m.role in teachers:
+                answers = asyncio.run(_answers(teachers[m.role], examples, cfg.max_tokens))
+            else:
+                answers = asyncio.run(_answers_from(cfg, m, examples))
+            losses: list[Loss | None] = [None] * len(examples)
+            if cfg.loss:
+                losses = list(
+                    response_losses(
+                        m.path, examples, max_length=cfg.max_length, batch_size=cfg.loss_batch_size
                     )
-                done[m.path] = answers, losses
-            answers, losses = done[m.path]
-            scored[m.role] = [
-                _Scored(
-                    prediction=answer,
-                    rouge_l=rouge_l(answer, reference, use_stemmer=cfg.rouge_stemmer),
-                    exact_match=exact_match(answer, reference)
-                    if record.meta.get("is_classification")
-                    else None,
-                    loss=loss,
                 )
-                for answer, reference, record, loss in zip(answers, references, records, losses, strict=True)
-            ]
+            done[m.path] = answers, losses
+        answers, losses = done[m.path]
+        scored[m.role] = [
+            _Scored(
+                prediction=answer,
+                rouge_l=rouge_l(answer, reference, use_stemmer=cfg.rouge_stemmer),
+                exact_match=exact_match(answer, reference) if record.meta.get("is_classification") else None,
+                loss=loss,
+            )
+            for answer, reference, record, loss in zip(answers, references, records, losses, strict=True)
+        ]
 
     categories = [category_of(r) for r in records]
     unseen = [train_categories is not None and c not in train_categories for c in categories]

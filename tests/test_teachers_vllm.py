@@ -88,7 +88,7 @@ def test_in_process_rejected_prompt_fails_alone(vllm_teacher) -> None:
 
 
 def test_bad_model_path_is_one_clear_error(tmp_path) -> None:
-    for path, why in [(tmp_path / "missing", "does not exist"), (tmp_path, "has no config.json")]:
+    for path, why in [(tmp_path / "missing", "no such directory"), (tmp_path, "no config.json")]:
         teacher = make_teacher(TeacherConfig(backend="vllm", model=str(path)))
         with pytest.raises(UserError, match=why) as err:
             asyncio.run(teacher.start())

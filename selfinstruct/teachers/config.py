@@ -21,7 +21,8 @@ class TeacherConfig(Section):
         json_schema_extra={"flag": "--teacher"},
     )
     model: str = Field(
-        "gpt-4o-mini", description="model name at the endpoint, or a local path / hub id for --teacher vllm"
+        "gpt-4o-mini",
+        description="model name at the endpoint; --teacher vllm: a directory, hub id, .gguf file or built-in name",
     )
     base_url: list[str] = Field(
         default_factory=list,

@@ -19,10 +19,10 @@ import asyncio
 import gc
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from selfinstruct.errors import UserError
+from selfinstruct.models import resolve_model
 from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, Usage
 from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
@@ -35,6 +35,7 @@ class VLLMTeacher(Teacher):
         super().__init__(cfg, DEFAULT_CONCURRENCY)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-teacher")
         self._llm: Any = None
+        self._model_path = self.model  # what vLLM loads: `model` resolved by `selfinstruct.models`
 
     async def _in_engine_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -42,19 +43,13 @@ class VLLMTeacher(Teacher):
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._llm is None:
-            self._check_model_path()
-            self._llm = await self._in_engine_thread(self._build)
-
-    def _check_model_path(self) -> None:
-        """A local path must be a model directory; anything else is left to vLLM as a hub id."""
-        path = Path(self.model).expanduser()
-        looks_local = self.model.startswith(("/", ".", "~")) or path.exists()
-        if looks_local and not path.is_dir():
-            raise UserError(f"teacher model directory {self.model} does not exist")
-        if looks_local and not (path / "config.json").is_file():
-            raise UserError(
-                f"teacher model directory {self.model} has no config.json (not a Hugging Face model)"
+            # a GGUF file or adapter is converted first (once, cached): in the engine thread, off the event loop
+            self._model_path = await self._in_engine_thread(
+                lambda: resolve_model(
+                    self.model, "teacher model", trust_remote_code=self.cfg.trust_remote_code
+                )
             )
+            self._llm = await self._in_engine_thread(self._build)
 
     def _build(self) -> Any:
         try:
@@ -63,7 +58,7 @@ class VLLMTeacher(Teacher):
             raise UserError("--teacher vllm needs vLLM: pip install 'selfinstruct[vllm]'") from None
         c = self.cfg
         kwargs: dict[str, Any] = {
-            "model": str(Path(c.model).expanduser()) if Path(c.model).expanduser().exists() else c.model,
+            "model": self._model_path,
             "tensor_parallel_size": c.tensor_parallel_size,
             "dtype": c.dtype,
             "gpu_memory_utilization": c.gpu_memory_utilization,
