@@ -97,7 +97,9 @@ class GenerateConfig(Section):
     bootstrap_presence_penalty: float | None = _opt("bootstrap presence penalty (reference 2)", ge=-2, le=2)
     bootstrap_max_tokens: int | None = _opt("bootstrap max tokens per completion (1024)", ge=1)
     classify_max_tokens: int | None = _opt("classification max tokens (reference 3, chat 32)", ge=1)
-    instances_temperature: float | None = _opt("instance generation temperature (reference 0, chat 0.7)", ge=0)
+    instances_temperature: float | None = _opt(
+        "instance generation temperature (reference 0, chat 0.7)", ge=0
+    )
     instances_presence_penalty: float | None = _opt(
         "instance presence penalty (reference 1.5, chat 0)", ge=-2, le=2
     )
