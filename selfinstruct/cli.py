@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.text import Text
 
 from selfinstruct import __version__
 from selfinstruct.config import SHARED_TABLES, check_tables, config_to_toml, load_toml, resolve
@@ -133,10 +134,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = run(argv)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        # the message quotes user input ("unknown key 'x' in [generate]"): never read it as rich markup
+        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False)
         code = e.exit_code
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print("interrupted", markup=False)
         code = 130
     sys.exit(code)
 

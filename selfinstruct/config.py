@@ -91,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[Section]) -> None
         help_text = field.description or ""
         if get_origin(annotation) is Literal:
             help_text += " {" + ",".join(map(str, get_args(annotation))) + "}"
-        if not field.is_required() and field.default not in (None, "", [], {}):
-            help_text += f" (default: {field.default})"
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if default not in (None, "", [], {}):
+            help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")
         if _extra(field).get("positional"):
             parser.add_argument(

@@ -375,7 +375,7 @@ class EvaluateConfig(Section):
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
-        description="prompt format; auto = the one --model was trained with, else its chat template if any",
+        description="prompt format; auto = the one --model was trained with, else as train chooses it",
     )
     max_tokens: int = Field(256, gt=0, description="longest answer generated, in tokens")
     max_examples: int | None = Field(
@@ -465,7 +465,9 @@ def _template(cfg: EvaluateConfig, model_path: str) -> Literal["chat", "alpaca"]
         return trained
     from transformers import AutoTokenizer
 
-    return "chat" if AutoTokenizer.from_pretrained(model_path).chat_template else "alpaca"
+    from selfinstruct.train import end_of_turn
+
+    return "chat" if end_of_turn(AutoTokenizer.from_pretrained(model_path)) else "alpaca"
 
 
 def _check(cfg: EvaluateConfig) -> Path:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import UserError
@@ -219,10 +220,10 @@ class Monitor:
         self.started = time.monotonic()
         self.interactive = console.is_terminal
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", markup=False),
             TimeRemainingColumn(),
             console=console,
             transient=False,
@@ -313,37 +314,46 @@ class Monitor:
             "elapsed_s": self.elapsed(),
             "corpus_records": ctx.stats["finetune"].extra.get("corpus_records", 0),
             "stages": {name: s.to_dict() for name, s in ctx.stats.items()},
-            "finished": final and all(s.finished for s in ctx.stats.values()),
+            "finished": final and all(ctx.stats[name].finished for name in cfg.chosen_stages()),
             "stop_reason": ctx.stop_reason,
             "sessions": self.state.get("sessions", 1),
         }
 
     def print_final(self, summary: dict[str, Any], run: RunDir) -> None:
+        """The closing summary; names, paths and reasons are printed as plain text (no rich markup)."""
+
+        def line(text: str) -> None:
+            c.print(text, markup=False, highlight=False)
+
         c = self.console
         c.print()
         status = "finished" if summary["finished"] else f"stopped ({summary['stop_reason'] or 'incomplete'})"
-        c.print(f"[bold]generate {status}[/]: {summary['pipeline']} with {summary['teacher_model']}")
         c.print(
+            Text.assemble(
+                (f"generate {status}", "bold"), f": {summary['pipeline']} with {summary['teacher_model']}"
+            )
+        )
+        line(
             f"  kept          {summary['kept']} / {summary['target']} instructions ({summary['candidates']} candidates)"
         )
-        for name, st in summary["stages"].items():
-            c.print(
+        for name in self.ctx.cfg.chosen_stages():
+            st = summary["stages"][name]
+            line(
                 f"  {name:<13} {st['done']} / {st['total']}" + ("" if st["finished"] else "  (not finished)")
             )
         if summary["rejected_by_reason"]:
-            reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
-            c.print(f"  rejected      {reasons}", highlight=False)
-        c.print(
+            line("  rejected      " + ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items()))
+        line(
             f"  teacher       {summary['requests']} requests ({summary['failed_requests']} failed, "
             f"{summary['retries']} retries), {summary['prompt_tokens'] + summary['completion_tokens']:,} tokens, "
             f"${summary['cost']:.4f}, {summary['elapsed_s']:.1f} s"
         )
-        c.print(f"  corpus        {summary['corpus_records']} records")
+        line(f"  corpus        {summary['corpus_records']} records")
         for name in (INSTRUCTIONS, REJECTED, CORPUS, SUMMARY):
             if (run / name).exists():
-                c.print(f"  {name:<20} {run / name}", highlight=False)
+                line(f"  {name:<20} {run / name}")
         if summary["stop_reason"] == "interrupted" or not summary["finished"]:
-            c.print("  rerun the same command to continue")
+            line("  rerun the same command to continue")
 
 
 # ---------------------------------------------------------------- the command
@@ -412,7 +422,7 @@ async def _session(ctx: RunContext, stages: list[str], own_teacher: bool, consol
     ctx.stop = asyncio.Event()
 
     def interrupt() -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)")
+        console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
         ctx.stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)  # a second signal interrupts for real

@@ -300,5 +300,19 @@ def merge_adapter(
         merged.save_pretrained(tmp)
         has_tokenizer = (adapter / "tokenizer_config.json").is_file()
         AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base).save_pretrained(tmp)
+        stop_on_eos(tmp)  # the base's generation config does not stop on the end-of-turn token training used
 
     return build_dir(into, build, replace=replace)
+
+
+def stop_on_eos(model_dir: Path) -> None:
+    """Make the saved generation config stop on the saved tokenizer's EOS as well (a model rebuilt from its
+    base, such as a merged LoRA, carries the base's EOS only)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    eos_id = AutoTokenizer.from_pretrained(str(model_dir)).eos_token_id
+    config = GenerationConfig.from_pretrained(str(model_dir))
+    ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if eos_id is not None and eos_id not in ids:
+        config.eos_token_id = [eos_id, *(i for i in ids if i is not None)]
+        config.save_pretrained(str(model_dir))

@@ -100,6 +100,13 @@ def collapse(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
+def shown(instruction: str) -> str:
+    """An instruction as a prompt shows it, normalised as the reference does: whitespace collapsed, stripped,
+    no trailing ":". A seed with a line break inside would otherwise break the numbered list a base model
+    continues."""
+    return collapse(instruction).rstrip(":")
+
+
 def _unfence(text: str) -> str:
     """The contents of the code fences if there are any (a model may wrap JSON or a list in ```json ... ```)."""
     blocks = _FENCE.findall(text)
@@ -272,7 +279,14 @@ _FIELD = re.compile(
     r"(?:[ \t]*(?:\*\*|__))?[ \t]*",
     re.I | re.M,
 )
-_SEPARATOR = re.compile(r"^\s*(?:#{3,}|-{3,}|\d+\s*[.)]\s*)\s*$", re.M)
+# `N. Instruction:` / `N. Input:` / `N. Output:` (the reference's list format), possibly bold or as a heading.
+_NUMBERED_FIELD = re.compile(
+    r"^[ \t]*(?:#+[ \t]*)?(?:\*\*|__)?[ \t]*(\d+)[ \t]*[.)][ \t]*(?:\*\*|__)?[ \t]*(instruction|input|output)"
+    r"[ \t]*(?:\*\*|__)?[ \t]*:(?:[ \t]*(?:\*\*|__))?[ \t]*",
+    re.I | re.M,
+)
+_TRAILING_SEPARATOR = re.compile(r"(?:\n[ \t]*(?:#{3,}|-{3,}|\*{3,}|\d+[ \t]*[.)])[ \t]*)+\s*\Z")
+_FIELD_ORDER = {"instruction": 0, "input": 1, "output": 2}
 
 
 def parse_tasks(text: str, truncated: bool = False) -> Parsed:
@@ -317,21 +331,43 @@ def _task_items(items: list[Any]) -> Parsed:
     return out
 
 
+def _field_value(text: str) -> str:
+    """A field's text without the separator line (`###`, `---`, a lone item number) that closes the task."""
+    return _TRAILING_SEPARATOR.sub("", text.strip()).strip()
+
+
+def _numbered_marks(text: str) -> list[tuple[re.Match[str], str]]:
+    """The field markers of a numbered list, item by item: `N. Instruction:` opens item N (the next number
+    after the previous item), and only item N's own `N. Input:` / `N. Output:`, in that order, belong to it.
+    Any other field-like line (`Input: [1, 2]` in a coding answer, another item's number) is text.
+    """
+    accepted: list[tuple[re.Match[str], str]] = []
+    number: int | None = None
+    for m in _NUMBERED_FIELD.finditer(text):
+        n, name = int(m.group(1)), m.group(2).lower()
+        if name == "instruction" and (number is None or n == number + 1):
+            number = n
+        elif n != number or _FIELD_ORDER[name] <= _FIELD_ORDER[accepted[-1][1]]:
+            continue
+        accepted.append((m, name))
+    return accepted
+
+
 def _task_blocks(text: str, truncated: bool) -> Parsed:
+    """`N. Instruction:` lists split on their items' own markers only; unnumbered blocks on any field line."""
+    numbered = _numbered_marks(text)
+    marks = numbered or [(m, m.group(1).lower()) for m in _FIELD.finditer(text)]
     tasks: list[dict[str, str]] = []
-    marks = list(_FIELD.finditer(text))
-    for i, m in enumerate(marks):
-        name = m.group(1).lower()
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        value = _SEPARATOR.split(text[m.end() : end])[0].strip()
+    for i, (m, name) in enumerate(marks):
+        end = marks[i + 1][0].start() if i + 1 < len(marks) else len(text)
         if name == "instruction" or not tasks or name in tasks[-1]:
             tasks.append({})
-        tasks[-1][name] = value
+        tasks[-1][name] = _field_value(text[m.end() : end])
     if truncated and tasks:
         tasks.pop()
     out = Parsed()
     for t in tasks:
-        instruction, output = collapse(t.get("instruction", "")), t.get("output", "").strip()
+        instruction, output = collapse(t.get("instruction", "")), t.get("output", "")
         if instruction and output:
             out.items.append(TaskDraft(instruction, _clean_input(t.get("input", "")), output))
         else:

@@ -33,6 +33,7 @@ from pydantic import Field
 from selfinstruct.config import Section, load_toml
 from selfinstruct.errors import UserError
 from selfinstruct.evaluate import task_of
+from selfinstruct.filters.heuristics import FilterConfig
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import is_seed_format, load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
@@ -49,7 +50,9 @@ class StatsConfig(Section):
     )
     out: str | None = Field(None, description="report directory (default: RUN/report, or CORPUS_report)")
     seeds: str | None = Field(
-        None, description="seed tasks for the ROUGE-L-to-seeds histogram (default: the run's seed file)"
+        None,
+        description="seed tasks for the ROUGE-L-to-seeds histogram of the machine-written instructions, or of "
+        "every instruction when none is marked machine-written (default: the run's seed file)",
     )
     top_verbs: int = Field(20, gt=0, description="root verbs shown (each with its 4 most common objects)")
     parser: Literal["auto", "spacy", "heuristic"] = Field(
@@ -81,6 +84,7 @@ class Source:
     rejected: list[dict[str, Any]] | None = None
     summary: dict[str, Any] | None = None
     seeds: str | None = None  # the seed file the run was generated from
+    threshold: float = FilterConfig().threshold  # the run's novelty threshold ([filters] threshold)
     notes: list[str] = field(default_factory=list)
 
 
@@ -110,13 +114,13 @@ def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
     return _from_corpus(records), records
 
 
-def _run_seeds(run: Path) -> str | None:
-    """The seed file named in the run's config.toml ([generate] seeds), if any."""
+def _run_settings(run: Path) -> tuple[str | None, float]:
+    """The seed file ([generate] seeds) and the novelty threshold ([filters] threshold) of a run's config."""
     config = run / "config.toml"
-    if not config.is_file():
-        return None
-    seeds = load_toml(config).get("generate", {}).get("seeds")
-    return seeds if isinstance(seeds, str) and seeds else None
+    data = load_toml(config) if config.is_file() else {}
+    seeds = data.get("generate", {}).get("seeds")
+    threshold = data.get("filters", {}).get("threshold", FilterConfig().threshold)
+    return (seeds if isinstance(seeds, str) and seeds else None), float(threshold)
 
 
 def load_source(path: str) -> Source:
@@ -130,7 +134,9 @@ def load_source(path: str) -> Source:
     corpus, kept = p / "corpus.jsonl", p / "instructions.jsonl"
     if not corpus.is_file() and not kept.is_file():
         raise UserError(f"{p}: not a run directory (no corpus.jsonl or instructions.jsonl)")
-    source = Source(p, True, [], [], rejected=list(read_jsonl(p / "rejected.jsonl")), seeds=_run_seeds(p))
+    seeds, threshold = _run_settings(p)
+    rejected = list(read_jsonl(p / "rejected.jsonl"))
+    source = Source(p, True, [], [], rejected=rejected, seeds=seeds, threshold=threshold)
     if (p / "summary.json").is_file():
         source.summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
     if corpus.is_file() and corpus.stat().st_size:
@@ -363,6 +369,7 @@ def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs
         "output": length_stats([words(r.output) for r in instances]),
     }
     novelty: dict[str, Any]
+    explicit_seeds = seeds_path is not None
     seeds_path = seeds_path or source.seeds
     if not seeds_path:
         novelty = {"available": False, "reason": "no seed file (pass --seeds)"}
@@ -370,19 +377,23 @@ def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs
         novelty = {"available": False, "reason": f"seed file {seeds_path} not found"}
     else:
         seeds = [t.instruction for t in load_tasks_any(Path(seeds_path).expanduser())]
+        # The machine-written instructions; a corpus with none marked as such (a seed-format file, a split of
+        # seeds) is scored whole against seeds given with --seeds.
         machine = [i.text for i in instructions if i.origin != "seed"]
-        scores = rouge_to_seeds(machine, seeds) if machine else []
+        scored = machine or ([i.text for i in instructions] if explicit_seeds else [])
+        scores = rouge_to_seeds(scored, seeds) if scored else []
         novelty = {
             "available": bool(scores),
             "seeds": seeds_path,
             "seed_instructions": len(seeds),
             "scored_instructions": len(scores),
+            "threshold": source.threshold,
         }
         if scores:
             novelty.update(
                 mean=statistics.fmean(scores),
                 median=statistics.median(scores),
-                share_above_0_7=sum(1 for f in scores if f > 0.7) / len(scores),
+                share_above_threshold=sum(1 for f in scores if f > source.threshold) / len(scores),
                 histogram=rouge_histogram(scores),
             )
         else:
@@ -446,7 +457,8 @@ def _plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.bar(
             h["edges"][:-1], h["counts"], width=h["edges"][1] - h["edges"][0], align="edge", color="#8172B2"
         )
-        ax.axvline(0.7, color="black", lw=1, ls="--", label="filter threshold 0.7")
+        threshold = novelty["threshold"]
+        ax.axvline(threshold, color="black", lw=1, ls="--", label=f"filter threshold {threshold:g}")
         ax.set_xlabel("ROUGE-L F to the most similar seed instruction")
         ax.set_ylabel("instructions")
         ax.set_xlim(0, 1)
@@ -601,7 +613,7 @@ def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[C
                     f"{_num(novelty['scored_instructions'])} / {_num(novelty['seed_instructions'])}",
                 ),
                 ("mean / median ROUGE-L F", f"{novelty['mean']:.3f} / {novelty['median']:.3f}"),
-                ("share above 0.7", _pct(novelty["share_above_0_7"])),
+                (f"share above {novelty['threshold']:g}", _pct(novelty["share_above_threshold"])),
             ]
         )
     else:

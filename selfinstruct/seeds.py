@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from selfinstruct.errors import InputFileError
 from selfinstruct.records import CorpusRecord, Instance, SeedTask
 
+PROJECT_SEEDS = Path(__file__).parent / "data" / "seed_tasks.jsonl"
+"""The project's own labelled seed set: `seeds/seed_tasks.jsonl` of the repository, shipped as package data
+(`selfinstruct/data/seed_tasks.jsonl` links to it in a source checkout and is a copy in a built wheel)."""
+
 
 def read_json_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """Read a JSON array of objects or JSON lines; return `(line number, object)` pairs."""

@@ -50,8 +50,13 @@ def build_tiny_model(
     intermediate_size: int = 256,
     max_position_embeddings: int = 2048,
     seed: int = 0,
+    eos_token: str = "<|im_end|>",
 ) -> Path:
-    """Write a loadable model + tokenizer to `out_dir` and return the path."""
+    """Write a loadable model + tokenizer to `out_dir` and return the path.
+
+    `eos_token="<|endoftext|>"` makes it look like a base model that ships a chat template (Qwen2.5, Llama 3):
+    its EOS is not the `<|im_end|>` its template ends turns with.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -73,7 +78,7 @@ def build_tiny_model(
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
+        eos_token=eos_token,
         pad_token="<pad>",
         unk_token=None,
         model_max_length=max_position_embeddings,

@@ -3,7 +3,10 @@
 The loss is instruction tuning as the seeds define it: the log-likelihood of the response (and its end-of-turn
 token) given the instruction and input. Every record therefore becomes a prompt/completion pair and TRL's
 `completion_only_loss` masks the prompt tokens (label -100). The prompt is rendered with the model's own chat
-template when it has one, else with the Alpaca template (base models), whose EOS TRL appends to the completion.
+template when it has one that ends a turn with a special token, else with the Alpaca template (base models),
+whose EOS TRL appends to the completion. With a chat template the turn's end token becomes the EOS (tokenizer,
+model config, generation config): base models such as Qwen2.5 ship a ChatML template but stop on
+`<|endoftext|>`, and would otherwise never stop after a tuned answer.
 
 Packing must not let the samples that share a row attend to each other. TRL packs rows with best-fit
 decreasing and restarts `position_ids` at every sample; transformers (>= 5) turns restarted positions into a
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -35,6 +39,7 @@ from pydantic import Field
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.evaluate import task_of
 from selfinstruct.models import merge_adapter, resolve_model, torch_dtype
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
@@ -59,7 +64,13 @@ class TrainConfig(Section):
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
-        description="prompt format: the model's chat template (auto when it has one) or the Alpaca template",
+        description="prompt format: the model's chat template (auto when it has one that ends turns with a "
+        "special token) or the Alpaca template",
+    )
+    eos: str | None = Field(
+        None,
+        description="token the tuned model stops on, e.g. '<|im_end|>' (default: the token the chat template "
+        "ends a turn with, else the tokenizer's EOS)",
     )
     lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
     qlora: bool = Field(False, description="LoRA on a 4-bit NF4 base model (bitsandbytes, CUDA only)")
@@ -97,7 +108,9 @@ class TrainConfig(Section):
     max_length: int = Field(
         512, gt=0, description="tokens per sample (longer ones are cut) or per packed row"
     )
-    eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of records held out for eval loss")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="fraction of tasks held out (all their records) for eval loss"
+    )
     save_steps: int = Field(200, gt=0, description="checkpoint (and eval) every this many steps")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept in --out")
     logging_steps: int = Field(10, gt=0, description="log train loss every this many steps")
@@ -229,17 +242,27 @@ def to_examples(records: list, template: Literal["chat", "alpaca"]) -> list[dict
     return [{"prompt": format_alpaca_prompt(r.instruction, r.input), "completion": r.output} for r in records]
 
 
-def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random hold-out; at least one example each side when a fraction is asked for."""
+def _task_key(record: CorpusRecord | dict[str, Any]) -> str:
+    """Records of one task share this key (as in `selfinstruct split`); a chat record's key is its prompt."""
+    if isinstance(record, CorpusRecord):
+        return task_of(record)
+    return json.dumps(record["prompt"], ensure_ascii=False, sort_keys=True)
+
+
+def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded hold-out of whole tasks (at least one task each side when a fraction is asked for).
+
+    The instances of one instruction never straddle the split: the eval loss would otherwise be measured on
+    tasks the model trained on, and look better than it is.
+    """
     if fraction <= 0:
-        return examples, []
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise UserError(f"--eval-fraction {fraction} leaves no training examples out of {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+        return records, []
+    tasks = sorted({_task_key(r) for r in records})
+    n_eval = max(1, round(len(tasks) * fraction))
+    if n_eval >= len(tasks):
+        raise UserError(f"--eval-fraction {fraction} leaves no training tasks out of {len(tasks)}")
+    held = set(random.Random(seed).sample(tasks, n_eval))
+    return [r for r in records if _task_key(r) not in held], [r for r in records if _task_key(r) in held]
 
 
 # ---------------------------------------------------------------- packing
@@ -358,12 +381,51 @@ def _load_tokenizer(cfg: TrainConfig) -> tuple[str, Any]:
         raise UserError(f"--model {cfg.model}: cannot load ({first})") from None
 
 
+_ANSWER_MARK = "SELFINSTRUCTANSWERMARK"
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The special token the chat template closes an assistant turn with, or None (no template, or a turn that
+    ends without a special token).
+
+    Base models often ship a chat template whose turn ends with `<|im_end|>` / `<|eot_id|>` while their EOS is
+    `<|endoftext|>` / `<|end_of_text|>`: a model tuned on that template must stop on the end-of-turn token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from jinja2 import TemplateError
+
+    turn = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _ANSWER_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template that rejects this conversation
+        return None
+    after = text.partition(_ANSWER_MARK)[2]
+    found = [(after.find(t), t) for t in _special_tokens(tokenizer) if t and t in after]
+    return min(found)[1] if found else None
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {str(t) for t in getattr(tokenizer, "all_special_tokens", [])} | {
+        t.content for t in added.values() if getattr(t, "special", False)
+    }
+
+
 def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool) -> TrainConfig:
-    """Fill in every 'auto' so the saved config says what actually ran."""
+    """Fill in every 'auto' so the saved config says what actually ran.
+
+    `auto` picks the chat template only when it ends an assistant turn with a special token, and then that
+    token becomes the EOS generation stops on; otherwise the Alpaca template with the tokenizer's EOS.
+    """
     peft = cfg.lora or cfg.qlora
+    turn_end = end_of_turn(tokenizer)
     template = cfg.template
     if template == "auto":
-        template = "chat" if tokenizer.chat_template else "alpaca"
+        template = "chat" if turn_end else "alpaca"
+    eos = cfg.eos or (turn_end if template == "chat" and turn_end else tokenizer.eos_token)
+    if cfg.eos and cfg.eos not in tokenizer.get_vocab():
+        raise UserError(f"--eos {cfg.eos!r} is not a token of {cfg.model}'s tokenizer")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if cuda and bf16_ok else "fp32"
@@ -373,6 +435,7 @@ def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool
         update={
             "lora": peft,
             "template": template,
+            "eos": eos,
             "learning_rate": cfg.learning_rate or (2e-4 if peft else 2e-5),
             "precision": precision,
             "gradient_checkpointing": checkpointing,
@@ -390,7 +453,8 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     data_path, records = load_corpus(str(cfg.data))
     model_path, tokenizer = _load_tokenizer(cfg)
     cfg = resolve_defaults(cfg, tokenizer, cuda, cuda and torch.cuda.is_bf16_supported())
-    train_rows, eval_rows = split_eval(to_examples(records, cfg.template), cfg.eval_fraction, cfg.seed)
+    train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.seed)
+    train_rows, eval_rows = to_examples(train_records, cfg.template), to_examples(eval_records, cfg.template)
 
     from trl import SFTConfig, SFTTrainer
 
@@ -439,6 +503,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",
+        eos_token=cfg.eos,  # TRL mirrors it into the model config and the saved generation config
         completion_only_loss=True,
         loss_type="nll",
         bf16=cfg.precision == "bf16",
@@ -531,6 +596,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 trust_remote_code=cfg.trust_remote_code,
                 replace=True,
             )
+            # `evaluate --model OUT/merged` finds the template and the base model here, as it does in OUT
+            save_config("train", cfg, merged / "train_config.toml")
             result.merged = str(merged)
         atomic_write_json(out / "train_summary.json", asdict(result))
     return result

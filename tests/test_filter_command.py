@@ -58,7 +58,9 @@ def test_filter_writes_kept_rejected_and_summary_in_input_order(tmp_path, capsys
     rejected = list(read_jsonl(tmp_path / "o" / "rejected.jsonl"))
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
 
-    assert [k["instruction"] for k in kept] == [RECORDS[0]["instruction"], RECORDS[5]["instruction"]]
+    # RECORDS[5] and [6] are two instances of one task (same instruction): judged once, kept together
+    assert [k["instruction"] for k in kept] == [RECORDS[i]["instruction"] for i in (0, 5, 6)]
+    assert kept[2]["input"] == "zoo" and kept[2]["meta"] == kept[1]["meta"]
     first = kept[0]
     assert {k: v for k, v in first.items() if k != "meta"} == RECORDS[0]  # the record itself is unchanged
     assert first["meta"]["max_similarity"] < 0.7 and isinstance(first["meta"]["most_similar"], dict)
@@ -68,14 +70,13 @@ def test_filter_writes_kept_rejected_and_summary_in_input_order(tmp_path, capsys
         (starts[2], "blacklisted:draw"),
         (starts[3], "too_short"),
         (starts[4], "too_similar"),
-        (starts[6], "duplicate"),
     ]
     assert rejected[0]["nearest"] == RECORDS[0]["instruction"] and rejected[0]["similarity"] == 1.0
     assert rejected[3]["nearest"] == SEEDS[0]["instruction"] and rejected[3]["record"] == RECORDS[4]
     assert rejected[1]["nearest"] is None and rejected[1]["record"] == RECORDS[2]
-    assert summary["records"] == 7 and summary["kept"] == 2 and summary["pool_size"] == 1
-    assert summary["reasons"] == dict(Counter(r["reason"] for r in rejected))
-    assert "too_similar" in out and "2 kept, 5 rejected" in out
+    assert summary["records"] == 7 and summary["tasks"] == 6 and summary["kept"] == 3
+    assert summary["pool_size"] == 1 and summary["reasons"] == dict(Counter(r["reason"] for r in rejected))
+    assert "too_similar" in out and "3 kept, 4 rejected" in out
 
 
 def test_stage_selection_and_seed_input(tmp_path, capsys):
@@ -85,11 +86,11 @@ def test_stage_selection_and_seed_input(tmp_path, capsys):
     )
     assert code == 0, err
     reasons = [r["reason"] for r in read_jsonl(tmp_path / "rouge" / "rejected.jsonl")]
-    assert reasons == ["too_similar", "too_similar"]  # the rules did not run: "Draw ..." and "Hi there" stay
+    assert reasons == ["too_similar"]  # the rules did not run: "Draw ..." and "Hi there" stay
     code, _, err = run(capsys, corpus, "--out", tmp_path / "rules", "--filters", "heuristics")
     assert code == 0, err
     kept = list(read_jsonl(tmp_path / "rules" / "kept.jsonl"))
-    assert kept[0] == RECORDS[0] and len(kept) == 4  # no similarity metadata without the rouge stage
+    assert kept[0] == RECORDS[0] and len(kept) == 5  # no similarity metadata without the rouge stage
     # A seed file is a corpus too; the default output directory sits next to it.
     seeds = write_json(tmp_path / "seeds.jsonl", SEEDS * 2, jsonl=True)
     code, _, err = run(capsys, seeds)

@@ -94,7 +94,7 @@ def test_stats_of_a_run_directory(run_dir: Path):
     # Exact nearest-seed F: identical text -> 1.0; "classify the sentiment of the tweet" vs "... review" -> 5/6.
     assert novelty["histogram"]["counts"][-1] == 1
     assert novelty["histogram"]["counts"][int(5 / 6 * 20)] == 1
-    assert novelty["share_above_0_7"] == pytest.approx(2 / 5)
+    assert novelty["share_above_threshold"] == pytest.approx(2 / 5) and novelty["threshold"] == 0.7
 
     verbs = {v["verb"]: v for v in stats["verbs"]["top"]}
     assert stats["verbs"]["parser"] in ("heuristic", "spacy:en_core_web_sm")

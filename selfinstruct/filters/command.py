@@ -1,7 +1,9 @@
 """`selfinstruct filter CORPUS --out DIR`: clean an existing corpus with the heuristic and novelty filters.
 
 Records are judged in input order, exactly as a generation run would judge them one by one: every kept
-record joins the pool (after the optional `--pool` file, e.g. the seeds) before the next one is checked.
+record joins the pool (after the optional `--pool` file, e.g. the seeds) before the next one is checked. The
+records of one task (same `meta.task_id`, else the same text: the instances of one instruction in a
+Self-Instruct corpus) are judged once and kept or dropped together.
 Outputs: `kept.jsonl` (records unchanged, plus similarity metadata under `meta`), `rejected.jsonl` (one
 line per rejected record: reason, input line, nearest pool instruction and its ROUGE-L F, the record), and
 `summary.json` (counts by reason).
@@ -10,6 +12,7 @@ line per rejected record: reason, input line, nearest pool instruction and its R
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,12 +20,13 @@ from pydantic import Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from selfinstruct.config import Section
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.filters import CandidateFilter, Decision
 from selfinstruct.filters.heuristics import FilterConfig
-from selfinstruct.seeds import read_json_records
+from selfinstruct.seeds import is_seed_format, read_json_records
 from selfinstruct.store import RunDir
 
 OUTPUTS = ("kept.jsonl", "rejected.jsonl", "summary.json")
@@ -65,6 +69,16 @@ def _texts(path: Path, records: list[tuple[int, dict[str, Any]]], name: str) -> 
     return texts
 
 
+def _task_key(line: int, record: dict[str, Any], text: str) -> str:
+    """Records of one task share `meta.task_id`, or else their text, as `selfinstruct split` groups them: a
+    Self-Instruct corpus has up to 5 records per instruction, which are not copies of each other. A
+    seed-format record holds a whole task by itself."""
+    if is_seed_format(record):
+        return f"line:{line}"
+    task_id = (record.get("meta") or {}).get("task_id")
+    return f"id:{task_id}" if task_id is not None else f"text:{text.strip()}"
+
+
 def _kept_line(record: dict[str, Any], d: Decision) -> dict[str, Any]:
     if d.max_f is None:  # the novelty check was off: nothing to add
         return record
@@ -104,14 +118,19 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
         columns = (TextColumn("filter"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("filter", total=len(records))
+            judged: dict[str, Decision] = {}  # task key -> the decision on its instruction
+            counts: Counter[str] = Counter()
             for start in range(0, len(records), cfg.batch_size):
                 batch = records[start : start + cfg.batch_size]
-                decisions = filt(texts[start : start + cfg.batch_size])
-                pairs = list(zip(batch, decisions, strict=True))
+                batch_texts = texts[start : start + cfg.batch_size]
+                keys = [_task_key(ln, rec, text) for (ln, rec), text in zip(batch, batch_texts, strict=True)]
+                new = {key: text for key, text in zip(keys, batch_texts, strict=True) if key not in judged}
+                judged.update(zip(new, filt(list(new.values())), strict=True))
+                pairs = [(line_rec, judged[key]) for line_rec, key in zip(batch, keys, strict=True)]
                 kept.write(_kept_line(rec, d) for (_, rec), d in pairs if d.keep)
                 rejected.write(_rejected_line(line, rec, d) for (line, rec), d in pairs if not d.keep)
+                counts.update(d.reason or "kept" for _, d in pairs)
                 progress.advance(task, len(batch))
-        counts = filt.counts
         summary = {
             "input": str(src),
             "pool": cfg.pool,
@@ -120,6 +139,7 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
             "filters": list(cfg.stages),
             "settings": cfg.filters.model_dump(mode="json"),
             "records": len(records),
+            "tasks": len(judged),
             "kept": counts["kept"],
             "rejected": len(records) - counts["kept"],
             "reasons": {r: n for r, n in counts.most_common() if r != "kept"},
@@ -132,13 +152,14 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
 
 def run_filter(cfg: FilterCommandConfig) -> int:
     summary = filter_corpus(cfg)
-    table = Table(title=f"{summary['input']} -> {summary['out']}", title_justify="left")
+    # paths and reasons (a --extra-blacklist word) are user text: Text cells are never read as rich markup
+    table = Table(title=Text(f"{summary['input']} -> {summary['out']}"), title_justify="left")
     table.add_column("outcome")
     table.add_column("records", justify="right")
     table.add_column("share", justify="right")
     total = summary["records"]
     for name, n in [("kept", summary["kept"]), *summary["reasons"].items()]:
-        table.add_row(name, str(n), f"{n / total:.1%}")
+        table.add_row(Text(name), str(n), f"{n / total:.1%}")
     Console(highlight=False).print(table)
     print(f"{summary['kept']} kept, {summary['rejected']} rejected in {summary['seconds']:.1f} s")
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from selfinstruct.parsing import parse_tasks, tasks_schema
+from selfinstruct.parsing import parse_tasks, shown, tasks_schema
 from selfinstruct.pipeline import RunContext
 from selfinstruct.pipeline.bootstrap import Candidate, Growing, prompt_hash
 from selfinstruct.prompts import Demo
@@ -27,7 +27,7 @@ def format_task(number: int, task: SeedTask) -> str:
     """One task in the numbered list format a base model continues (and the chat prompt shows)."""
     inst = task.instances[0]
     return (
-        f"{number}. Instruction: {task.instruction}\n"
+        f"{number}. Instruction: {shown(task.instruction)}\n"
         f"{number}. Input:\n{inst.input.strip() or '<noinput>'}\n"
         f"{number}. Output:\n{inst.output.strip()}"
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 from selfinstruct.filters import TOO_SIMILAR, CandidateFilter, Decision
 from selfinstruct.parsing import instructions_schema, parse_continued_list, parse_instruction_list
+from selfinstruct.parsing import shown as shown_text
 from selfinstruct.pipeline import INSTRUCTIONS, REJECTED, RunContext, run_stage
 from selfinstruct.prompts import Demo
 from selfinstruct.records import Instance
@@ -221,7 +222,7 @@ class Bootstrap(Growing):
         shown = [(s.id, s.instruction, True) for s in rng.sample(ctx.seeds, n_seed)]
         shown += [(i, text, False) for i, text in rng.sample(machine, n_machine)]
         rng.shuffle(shown)
-        tasks = numbered(text for _, text, _ in shown)
+        tasks = numbered(shown_text(text) for _, text, _ in shown)
         demos = self.demos(shown) if ctx.chat else []
         messages, prompt = self.template.render(
             demos, tasks=tasks, next=len(shown) + 1, count=cfg.new_per_prompt
@@ -248,7 +249,7 @@ class Bootstrap(Growing):
         """One worked example from seeds not shown in this prompt: a shorter list and, as its answer,
         `new_per_prompt` other seed instructions in the JSON shape the parser reads."""
         cfg, taken = self.ctx.cfg, {i for i, _, _ in shown}
-        others = [s.instruction for s in self.ctx.seeds if s.id not in taken]
+        others = [shown_text(s.instruction) for s in self.ctx.seeds if s.id not in taken]
         n_list = min(DEMO_LIST, len(others) // 2)
         n_answer = min(cfg.new_per_prompt, len(others) - n_list)
         if n_list < 1 or n_answer < 1:

@@ -1,9 +1,10 @@
 """Self-Instruct step 2: is each kept instruction a classification task (finite set of output labels)?
 
 The answer decides how its instances are generated (output-first for classification). The few-shot examples
-come from the seed tasks' own `is_classification` labels, chosen once per run (a fixed prompt prefix is also
-what provider-side prompt caching rewards). Results go to `classification.jsonl` keyed by instruction id;
-instructions that already have one are skipped, so the stage resumes. An answer that is neither yes nor no
+come from the seed tasks' own `is_classification` labels (the project's labelled seeds when the user's carry
+none), chosen once per run (a fixed prompt prefix is also what provider-side prompt caching rewards). Results
+go to `classification.jsonl` keyed by instruction id; instructions that already have one are skipped, so the
+stage resumes. An answer that is neither yes nor no
 is recorded as `null` (treated as "not classification") and counted as a parse failure.
 """
 
@@ -13,13 +14,21 @@ import json
 import random
 from typing import Any
 
-from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no
+from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no, shown
 from selfinstruct.pipeline import CLASSIFICATION, REJECTED, PerInstruction, RunContext
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
+from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 EXAMPLES_PER_CLASS = 6
+
+
+def labelled_seeds(seeds: list[SeedTask]) -> list[SeedTask]:
+    """The seed tasks few-shot examples are drawn from: the user's when some are labelled as classification,
+    else the project's own labelled set. Alpaca-format seeds carry no labels, and with them alone the classify
+    prompt would show only "No" examples and the output-first prompt no classification task at all."""
+    return seeds if any(s.is_classification for s in seeds) else load_seed_tasks(PROJECT_SEEDS)
 
 
 def few_shot(seeds: list[SeedTask], seed: int) -> list[SeedTask]:
@@ -37,14 +46,18 @@ def few_shot(seeds: list[SeedTask], seed: int) -> list[SeedTask]:
 def as_text(examples: list[SeedTask]) -> str:
     """The few-shot block of a completion prompt, in the line format the model continues."""
     return "\n\n".join(
-        f"Task: {s.instruction}\nClassification: {'Yes' if s.is_classification else 'No'}" for s in examples
+        f"Task: {shown(s.instruction)}\nClassification: {'Yes' if s.is_classification else 'No'}"
+        for s in examples
     )
 
 
 def as_demos(examples: list[SeedTask]) -> list[Demo]:
     """The few-shot examples as chat turns answered in the stage's JSON shape."""
     return [
-        Demo({"instruction": s.instruction}, json.dumps({"is_classification": bool(s.is_classification)}))
+        Demo(
+            {"instruction": shown(s.instruction)},
+            json.dumps({"is_classification": bool(s.is_classification)}),
+        )
         for s in examples
     ]
 
@@ -56,7 +69,7 @@ class Classify(PerInstruction):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.template = ctx.prompts.get(self.stage)
-        examples = few_shot(ctx.seeds, ctx.cfg.seed)
+        examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed)
         self.examples, self.demos = ("", as_demos(examples)) if ctx.chat else (as_text(examples), [])
 
     def request(self, rec_id: str, instruction: str) -> TeacherRequest:

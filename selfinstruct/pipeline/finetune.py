@@ -1,11 +1,13 @@
 """The last stage of both pipelines: clean the instances and write `corpus.jsonl` (Alpaca fields + `meta`).
 
-The reference's finetune-preparation rules: a task whose instances share a non-empty input but disagree on the
-output is dropped whole; duplicates are removed; an instance is dropped when its output is empty, its input
-equals its output, or its input or output ends with ":" (usually a cut-off generation); at most
-`max_instances` per task. One rule of ours comes on top (`--no-drop-repetitive` turns it off): an instance
-whose input or output loops on itself (`repetitive`), what a small teacher decoding greedily often writes. The corpus is rebuilt from the run's files every time (it is cheap and makes the
-stage trivially resumable) and replaced atomically, so a reader never sees half a corpus.
+The reference's finetune-preparation rules, in its order: an instance is dropped when its output is empty, its
+input equals its output, or its input or output ends with ":" (usually a cut-off generation); then a task whose
+remaining instances share a non-empty input but disagree on the output is dropped whole; duplicates are
+removed; at most `max_instances` per task. The Alpaca pipeline's tasks (one instance each) pass the same rules.
+One rule of ours comes on top (`--no-drop-repetitive` turns it off): an instance whose input or output loops on
+itself (`repetitive`), what a small teacher decoding greedily often writes; it counts as invalid. The corpus is
+rebuilt from the run's files every time (it is cheap and makes the stage trivially resumable) and replaced
+atomically, so a reader never sees half a corpus.
 """
 
 from __future__ import annotations
@@ -23,36 +25,39 @@ from selfinstruct.store import atomic_write_text
 def clean_instances(
     instances: list[Instance], limit: int, dropped: Counter[str], repetitive: Repetitive | None = None
 ) -> list[Instance]:
-    """The reference's rules (plus `repetitive`, when given); returns [] when the whole task must go. Reasons
-    are counted in `dropped`."""
-    outputs_by_input: dict[str, set[str]] = {}
+    """The reference's rules, in its order: drop invalid instances first (with `repetitive`, when given, among
+    the invalid), then drop the whole task if two of the rest share an input but disagree on the output, then
+    dedupe. Returns [] when the whole task must go; reasons are counted in `dropped`."""
+    valid: list[Instance] = []
     for inst in instances:
-        if inst.input.strip():
-            outputs_by_input.setdefault(inst.input.strip(), set()).add(inst.output.strip())
+        inp, out = inst.input.strip(), inst.output.strip()
+        if not out:
+            dropped["empty_output"] += 1
+        elif inp == out:
+            dropped["input_equals_output"] += 1
+        elif inp.endswith(":") or out.endswith(":"):
+            dropped["ends_with_colon"] += 1
+        elif repetitive is not None and (repetitive(inp) or repetitive(out)):
+            dropped["repetitive"] += 1
+        else:
+            valid.append(Instance(inp, out))
+    outputs_by_input: dict[str, set[str]] = {}
+    for inst in valid:
+        if inst.input:
+            outputs_by_input.setdefault(inst.input, set()).add(inst.output)
     if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
-        dropped["conflicting_outputs"] += len(instances)
+        dropped["conflicting_outputs"] += len(valid)
         return []
     kept: list[Instance] = []
     seen: set[tuple[str, str]] = set()
-    for inst in instances:
-        inp, out = inst.input.strip(), inst.output.strip()
-        if (inp, out) in seen:
-            reason = "duplicate"
-        elif not out:
-            reason = "empty_output"
-        elif inp == out:
-            reason = "input_equals_output"
-        elif inp.endswith(":") or out.endswith(":"):
-            reason = "ends_with_colon"
-        elif repetitive is not None and (repetitive(inp) or repetitive(out)):
-            reason = "repetitive"
+    for inst in valid:
+        if (inst.input, inst.output) in seen:
+            dropped["duplicate"] += 1
         elif len(kept) >= limit:
-            reason = "over_limit"
+            dropped["over_limit"] += 1
         else:
-            seen.add((inp, out))
-            kept.append(Instance(inp, out))
-            continue
-        dropped[reason] += 1
+            seen.add((inst.input, inst.output))
+            kept.append(inst)
     return kept
 
 

@@ -2,19 +2,23 @@
 
 Classification tasks are generated output-first (a class label, then an input that belongs to it), so the
 teacher cannot drift towards one label the way it does when it writes the input first; the others input-first.
-Few-shot examples are seed tasks of the same kind with their instances, chosen once per run. Results go to
-`instances.jsonl` keyed by instruction id (already-done ids are skipped, so the stage resumes). A truncated
-answer loses its last, cut-off instance; an unreadable one is recorded with no instances and counted.
+Few-shot examples are seed tasks of the same kind with their instances (from the project's labelled seeds when
+the user's carry no labels), chosen once per run. Results go to `instances.jsonl` keyed by instruction id
+(already-done ids are skipped, so the stage resumes); only instructions with a classification record are done,
+the others wait for the classify stage. A truncated answer loses its last, cut-off instance; an unreadable one
+is recorded with no instances and counted.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections import deque
 from typing import Any
 
-from selfinstruct.parsing import instances_schema, parse_instances
+from selfinstruct.parsing import instances_schema, parse_instances, shown
 from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, REJECTED, PerInstruction, RunContext, read_keyed
+from selfinstruct.pipeline.classify import labelled_seeds
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
@@ -24,7 +28,7 @@ EXAMPLE_TASKS = 3
 
 def format_examples(task: SeedTask, output_first: bool) -> str:
     """A seed task with its instances, in the block format the parser reads back."""
-    lines = [f"Task: {task.instruction}"]
+    lines = [f"Task: {shown(task.instruction)}"]
     for k, inst in enumerate(task.instances, start=1):
         if output_first:
             lines.append(f"Class label: {inst.output.strip()}")
@@ -73,21 +77,27 @@ class Instances(PerInstruction):
         }
         self.examples: dict[bool, str] = {}
         self.demos: dict[bool, list[Demo]] = {}
+        examples_from = labelled_seeds(ctx.seeds)
         for kind in (False, True):
-            picked = few_shot(ctx.seeds, kind, ctx.cfg.seed)
+            picked = few_shot(examples_from, kind, ctx.cfg.seed)
             if ctx.chat:
                 self.examples[kind] = ""
                 self.demos[kind] = [
-                    Demo({"instruction": s.instruction, "count": len(s.instances)}, as_json(s, kind))
+                    Demo({"instruction": shown(s.instruction), "count": len(s.instances)}, as_json(s, kind))
                     for s in picked
                 ]
             else:
                 self.examples[kind] = "\n\n".join(format_examples(s, kind) for s in picked)
                 self.demos[kind] = []
         self.labels = read_keyed(ctx.run, CLASSIFICATION)
+        # An instruction the classify stage has not answered yet (its requests failed) waits for a later run:
+        # generated now, it would be input-first for good even if it turns out to be classification.
+        ready = deque(item for item in self.todo if item[0] in self.labels)
+        ctx.stats[self.stage].extra["waiting_for_classification"] = len(self.todo) - len(ready)
+        self.todo = ready
 
     def output_first(self, rec_id: str) -> bool:
-        """Classification tasks (per the classify stage; unknown counts as no) are generated output-first."""
+        """Classification tasks (per the classify stage; an unreadable answer counts as no) go output-first."""
         return bool(self.labels.get(rec_id, {}).get("is_classification"))
 
     def request(self, rec_id: str, instruction: str) -> TeacherRequest:
