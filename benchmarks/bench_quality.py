@@ -4,12 +4,14 @@
     python benchmarks/bench_quality.py --base-url URL --model NAME   # any running OpenAI-compatible server
 
 It starts `python -m vllm.entrypoints.openai.api_server` on the model (default: the built-in
-`smollm2-135m-instruct`, converted from its GGUF once) with the server's default flags, then runs, over HTTP:
-  1. the Self-Instruct pipeline with structured output on and off (`--num-instructions`, 30);
-  2. the Alpaca pipeline, structured output on and off;
-  3. the classify stage on held-out *seed* tasks (few-shot examples come from the other half of the seeds), so
-     its labels can be compared with the seeds' own `is_classification`: accuracy, precision, recall, balanced
-     accuracy, and the majority-label baseline.
+`smollm2-135m-instruct`, converted from its GGUF once) with the server's default flags, then runs, over HTTP,
+each pipeline (Self-Instruct with `--num-instructions`, 30; Alpaca with 5 tasks per request) three ways: chat
+prompts with structured output, chat prompts answered in free text (the tolerant parser), and raw
+list-continuation prompts (`--api completions`, the reference's format and decoding); then the classify stage
+on held-out *seed* tasks (few-shot examples come from the other half of the seeds), so its labels can be
+compared with the seeds' own `is_classification`: accuracy, precision, recall, balanced accuracy, and the
+majority-label baseline. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
+characters, instance answers at 512 tokens, a 10-minute request timeout (a slow CPU is not a failing server).
 Per stage it reports the parse-valid rate (answers that yielded at least one readable item), the keep rate and
 rejection reasons, placeholder instructions kept ("first task", "...", "task 1"), instances per task, the share
 of instances and of tasks that survive the finetune filters, teacher tokens per kept instruction and per corpus
@@ -44,6 +46,13 @@ console = Console(highlight=False)
 PLACEHOLDER = re.compile(
     r"^\W*((first|second|third|fourth|fifth|new) task|task \d+|\.\.\.|<[^>]*>)\W*$", re.I
 )
+
+
+STYLES = {
+    "chat-structured": ["--structured-output"],
+    "chat-text": ["--no-structured-output"],
+    "completions": ["--api", "completions"],
+}
 
 
 def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
@@ -153,7 +162,7 @@ def classify_on_seeds(work: Path, seeds_path: Path, teacher: list[str], extra: l
     shots = yes[: len(yes) // 2] + no[: len(no) // 2]
     held = yes[len(yes) // 2 :] + no[len(no) // 2 :]
     run = work / "classify-seeds"
-    run.mkdir()
+    run.mkdir(parents=True)
     shots_file = work / "classify-shots.jsonl"
     raw = {json.loads(line)["id"]: line for line in seeds_path.read_text().splitlines() if line.strip()}
     shots_file.write_text("".join(raw[t.id] + "\n" for t in shots))
@@ -223,26 +232,30 @@ def main() -> int:
         console.print(f"starting vLLM server on {model_dir} (log: {work / 'server.log'})")
         server = start_server(model_dir, port, work / "server.log")
         base_url, model = f"http://127.0.0.1:{port}/v1", "teacher"
-    teacher = ["--base-url", base_url, "--model", model, "--concurrency", str(args.concurrency)]
+    teacher = ["--base-url", base_url, "--model", model, "--concurrency", str(args.concurrency), "--timeout", "600",
+               "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5"]  # fmt: skip
     n = str(args.num_instructions)
     results: dict[str, Any] = {"model": args.model, "num_instructions": args.num_instructions, "runs": {}}
     runs: dict[str, Path] = {}
     t0 = time.monotonic()
     try:
         for pipeline, stage in (("self-instruct", "bootstrap"), ("alpaca", "alpaca")):
-            for structured in (True, False):
-                name = f"{pipeline}/{'structured' if structured else 'text'}"
+            for style, flags in STYLES.items():
+                name = f"{pipeline}/{style}"
                 run = work / name.replace("/", "-")
-                flag = "--structured-output" if structured else "--no-structured-output"
                 console.rule(name)
-                generate(run, seeds, teacher, "--pipeline", pipeline, "--num-instructions", n, flag)
+                generate(run, seeds, teacher, "--pipeline", pipeline, "--num-instructions", n, *flags)
                 runs[name] = run
                 results["runs"][name] = {
                     stage: growth_metrics(run, stage),
                     "corpus": corpus_metrics(run, pipeline == "self-instruct"),
                 }
-        console.rule("classify on held-out seed tasks")
-        results["classify_on_seeds"] = classify_on_seeds(work, seeds, teacher, ["--structured-output"])
+        results["classify_on_seeds"] = {}
+        for style in ("chat-structured", "completions"):
+            console.rule(f"classify on held-out seed tasks ({style})")
+            results["classify_on_seeds"][style] = classify_on_seeds(
+                work / style, seeds, teacher, STYLES[style]
+            )
     finally:
         if server is not None:
             server.terminate()
