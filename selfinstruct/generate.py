@@ -97,7 +97,9 @@ class GenerateConfig(Section):
     )
     bootstrap_max_tokens: int | None = optional("bootstrap max tokens per completion (1024)", ge=1)
     classify_max_tokens: int | None = optional("classification max tokens (reference 3, chat 32)", ge=1)
-    instances_temperature: float | None = optional("instance generation temperature (0)", ge=0)
+    instances_temperature: float | None = optional(
+        "instance generation temperature (reference 0, chat 0.7)", ge=0
+    )
     instances_presence_penalty: float | None = optional(
         "instance presence penalty (reference 1.5, chat 0)", ge=-2, le=2
     )
@@ -113,6 +115,10 @@ class GenerateConfig(Section):
         ge=1,
     )
     include_seeds: bool = Field(False, description="also put the seed tasks into corpus.jsonl")
+    drop_repetitive: bool = Field(
+        True,
+        description="finetune: drop instances whose input or output loops on itself (not a reference rule)",
+    )
     # budget and stopping
     max_requests: int | None = optional(
         "stop after this many teacher requests (whole run, all sessions)", ge=1

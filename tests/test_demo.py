@@ -1,9 +1,11 @@
-"""`make demo` end to end: the offline loop on a tiny local model, every stage for real, outputs checked."""
+"""`make demo` end to end: the offline loop on the built-in real model (SmolLM2-135M-Instruct), every stage for
+real, outputs checked — including that the corpus is English text the model wrote."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,24 +17,32 @@ from selfinstruct.store import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 
+ENGLISH = {"the", "a", "an", "of", "to", "and", "in", "is", "for", "what", "how", "your", "you", "with", "on"}
+
+
 @pytest.mark.vllm
-def test_demo_runs_the_whole_loop_offline(tmp_path):
+def test_demo_runs_the_whole_loop_offline(tmp_path, smollm2_dir):
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SELFINSTRUCT_DEMO_MODEL": "no-such-org/no-such-model"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # offline: the hub is not asked, the built-in model is used
+    env.pop("SELFINSTRUCT_DEMO_MODEL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "selfinstruct.demo", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "tiny model built locally" in " ".join(proc.stdout.split())  # rich wraps lines
+    assert f"({smollm2_dir})" in " ".join(proc.stdout.split())  # the one conversion of the session, reused
 
     run = out / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["requests"] > 0 and summary["finished"] is True
     corpus = list(read_jsonl(run / "corpus.jsonl"))
     assert corpus and all({"instruction", "input", "output"} <= r.keys() for r in corpus)
-    # machine-written tasks went through all four stages into the corpus, beside the seeds
-    assert any(r["meta"]["origin"] == "machine" for r in corpus)
+    # machine-written tasks went through all four stages into the corpus, beside the seeds; they are English
+    machine = [r for r in corpus if r["meta"]["origin"] == "machine"]
+    assert machine
+    texts = {r["instruction"] for r in machine}
+    english = [t for t in texts if ENGLISH & set(re.findall(r"[a-z]+", t.lower()))]
+    assert len(english) >= 0.8 * len(texts), texts
     assert list(read_jsonl(run / "classification.jsonl")) and list(read_jsonl(run / "instances.jsonl"))
     assert (run / "export" / "messages.jsonl").is_file() and (run / "export" / "README.md").is_file()
     assert (out / "filtered" / "kept.jsonl").is_file()

@@ -331,8 +331,9 @@ def test_prompt_dir_overrides_templates(seeds, tmp_path):
             )
         )
         sent = generation_requests(server)
-    assert sent and all(r["messages"][0]["content"].startswith("MARKER-42") for r in sent)
-    assert all(len(r["messages"]) == 1 for r in sent)  # no [system] section in the override
+    users = [m for r in sent for m in r["messages"] if m["role"] == "user"]
+    assert users and all(m["content"].startswith("MARKER-42") for m in users)  # the demonstration's turn too
+    assert all(r["messages"][0]["role"] == "user" for r in sent)  # no [system] section in the override
     (prompts / "bootstrap.chat.txt").write_text("[user]\n{{tasks}} {{nope}}\n")
     with pytest.raises(UserError, match=r"bootstrap.chat.txt: unknown placeholder \{\{nope\}\}"):
         run_generate(GenerateConfig(seeds=str(seeds), out=str(tmp_path / "run2"), prompt_dir=str(prompts)))

@@ -57,11 +57,13 @@ REFERENCE_DECODING: dict[str, dict[str, Any]] = {
 CHAT_DECODING: dict[str, dict[str, Any]] = {
     "bootstrap": {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 1024},
     "classify": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 32},
-    "instances": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 1024},
+    "instances": {"temperature": 0.7, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 1024},
     "alpaca": {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3072},
 }
 """For chat models answering in JSON: a presence penalty punishes the repeated JSON keys, top_p 0.5 narrows an
-already narrow chat distribution, and `{"is_classification": false}` does not fit in 3 tokens."""
+already narrow chat distribution, `{"is_classification": false}` does not fit in 3 tokens, and greedy instance
+generation makes small models loop (SmolLM2-135M: 10 of 15 tasks survived the finetune filters at temperature 0,
+15 of 15 at 0.7)."""
 
 
 def resolve_decoding(cfg: GenerateConfig) -> dict[str, dict[str, Any]]:

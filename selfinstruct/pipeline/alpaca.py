@@ -9,13 +9,18 @@ kept task carries its input/output as its one instance.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from selfinstruct.parsing import parse_tasks, shown, tasks_schema
 from selfinstruct.pipeline import RunContext
 from selfinstruct.pipeline.bootstrap import Candidate, Growing, prompt_hash
+from selfinstruct.prompts import Demo
 from selfinstruct.records import Instance, SeedTask
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
+
+DEMO_ANSWER = 3
+"""Tasks in the demonstration's answer (chat prompts): enough to show the shape, short enough to stay cheap."""
 
 
 def format_task(number: int, task: SeedTask) -> str:
@@ -28,6 +33,10 @@ def format_task(number: int, task: SeedTask) -> str:
     )
 
 
+def task_list(tasks: list[SeedTask]) -> str:
+    return "\n###\n".join(format_task(n, t) for n, t in enumerate(tasks, start=1))
+
+
 class Alpaca(Growing):
     stage = "alpaca"
 
@@ -38,8 +47,10 @@ class Alpaca(Growing):
     def request(self, round_: int, k: int) -> TeacherRequest:
         ctx, cfg = self.ctx, self.ctx.cfg
         shown = self.rng.sample(ctx.seeds, self.shown)
-        tasks = "\n###\n".join(format_task(n, t) for n, t in enumerate(shown, start=1))
-        messages, prompt = self.template.render(tasks=tasks, next=self.shown + 1, count=cfg.alpaca_new_tasks)
+        demos = self.demos(shown) if ctx.chat else []
+        messages, prompt = self.template.render(
+            demos, tasks=task_list(shown), next=self.shown + 1, count=cfg.alpaca_new_tasks
+        )
         if ctx.chat:
             extra: dict[str, Any] = {"json_schema": tasks_schema(cfg.alpaca_new_tasks, cfg.schema_max_chars)}
         else:
@@ -52,6 +63,20 @@ class Alpaca(Growing):
         }
         sampling = ctx.sampling(self.stage, (round_, k), **extra)
         return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=tag)
+
+    def demos(self, shown: list[SeedTask]) -> list[Demo]:
+        """One worked example from other seeds: a list of tasks and, as its answer, a few more in JSON."""
+        others = [s for s in self.ctx.seeds if s not in shown]
+        n_answer = min(DEMO_ANSWER, self.ctx.cfg.alpaca_new_tasks, len(others) - self.shown)
+        if n_answer < 1:
+            return []
+        picked = self.rng.sample(others, self.shown + n_answer)
+        answer = [
+            {"instruction": t.instruction, "input": t.instances[0].input, "output": t.instances[0].output}
+            for t in picked[self.shown :]
+        ]
+        values = {"tasks": task_list(picked[: self.shown]), "count": n_answer}
+        return [Demo(values, json.dumps({"tasks": answer}, ensure_ascii=False))]
 
     def answer(self, response: TeacherResponse) -> int:
         tag = response.request.tag

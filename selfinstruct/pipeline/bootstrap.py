@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +23,13 @@ from selfinstruct.filters import TOO_SIMILAR, CandidateFilter, Decision
 from selfinstruct.parsing import instructions_schema, parse_continued_list, parse_instruction_list
 from selfinstruct.parsing import shown as shown_text
 from selfinstruct.pipeline import INSTRUCTIONS, REJECTED, RunContext, run_stage
+from selfinstruct.prompts import Demo
 from selfinstruct.records import Instance
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
+
+DEMO_LIST = 4
+"""Seed instructions in the demonstration's example list (chat prompts; a short list keeps the prompt short)."""
 
 RAW_TEXT_LIMIT = 2000
 """Characters of an unreadable or truncated completion kept in rejected.jsonl (enough to see what went wrong)."""
@@ -125,6 +131,11 @@ class Keeper:
         self.ctx.journal.append(REJECTED, records)
 
 
+def numbered(texts: Iterable[str]) -> str:
+    """A numbered list, one item per line, as a base model continues it and a chat prompt shows it."""
+    return "\n".join(f"{n}. {text}" for n, text in enumerate(texts, start=1))
+
+
 def prompt_hash(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
     text = prompt if prompt is not None else "\n".join(m["content"] for m in messages or [])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -211,8 +222,11 @@ class Bootstrap(Growing):
         shown = [(s.id, s.instruction, True) for s in rng.sample(ctx.seeds, n_seed)]
         shown += [(i, text, False) for i, text in rng.sample(machine, n_machine)]
         rng.shuffle(shown)
-        tasks = "\n".join(f"{n}. {shown_text(text)}" for n, (_, text, _) in enumerate(shown, start=1))
-        messages, prompt = self.template.render(tasks=tasks, next=len(shown) + 1, count=cfg.new_per_prompt)
+        tasks = numbered(shown_text(text) for _, text, _ in shown)
+        demos = self.demos(shown) if ctx.chat else []
+        messages, prompt = self.template.render(
+            demos, tasks=tasks, next=len(shown) + 1, count=cfg.new_per_prompt
+        )
         if ctx.chat:
             extra: dict[str, Any] = {
                 "json_schema": instructions_schema(cfg.new_per_prompt, cfg.schema_max_chars)
@@ -230,6 +244,19 @@ class Bootstrap(Growing):
         }
         sampling = ctx.sampling(self.stage, (round_, k), **extra)
         return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=tag)
+
+    def demos(self, shown: list[tuple[str, str, bool]]) -> list[Demo]:
+        """One worked example from seeds not shown in this prompt: a shorter list and, as its answer,
+        `new_per_prompt` other seed instructions in the JSON shape the parser reads."""
+        cfg, taken = self.ctx.cfg, {i for i, _, _ in shown}
+        others = [shown_text(s.instruction) for s in self.ctx.seeds if s.id not in taken]
+        n_list = min(DEMO_LIST, len(others) // 2)
+        n_answer = min(cfg.new_per_prompt, len(others) - n_list)
+        if n_list < 1 or n_answer < 1:
+            return []
+        picked = self.rng.sample(others, n_list + n_answer)
+        answer = json.dumps({"instructions": picked[n_list:]}, ensure_ascii=False)
+        return [Demo({"tasks": numbered(picked[:n_list]), "count": n_answer}, answer)]
 
     def answer(self, response: TeacherResponse) -> int:
         tag = response.request.tag

@@ -10,11 +10,13 @@ is recorded as `null` (treated as "not classification") and counted as a parse f
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
 from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no, shown
 from selfinstruct.pipeline import CLASSIFICATION, REJECTED, PerInstruction, RunContext
+from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
 from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
@@ -29,8 +31,8 @@ def labelled_seeds(seeds: list[SeedTask]) -> list[SeedTask]:
     return seeds if any(s.is_classification for s in seeds) else load_seed_tasks(PROJECT_SEEDS)
 
 
-def few_shot(seeds: list[SeedTask], seed: int) -> str:
-    """Up to 6 classification and 6 other seed tasks, interleaved, with their answers."""
+def few_shot(seeds: list[SeedTask], seed: int) -> list[SeedTask]:
+    """Up to 6 classification and 6 other seed tasks, shuffled."""
     rng = random.Random(f"{seed}:classify")
     yes = [s for s in seeds if s.is_classification]
     no = [s for s in seeds if not s.is_classification]
@@ -38,10 +40,26 @@ def few_shot(seeds: list[SeedTask], seed: int) -> str:
         no, min(EXAMPLES_PER_CLASS, len(no))
     )
     rng.shuffle(picked)
+    return picked
+
+
+def as_text(examples: list[SeedTask]) -> str:
+    """The few-shot block of a completion prompt, in the line format the model continues."""
     return "\n\n".join(
         f"Task: {shown(s.instruction)}\nClassification: {'Yes' if s.is_classification else 'No'}"
-        for s in picked
+        for s in examples
     )
+
+
+def as_demos(examples: list[SeedTask]) -> list[Demo]:
+    """The few-shot examples as chat turns answered in the stage's JSON shape."""
+    return [
+        Demo(
+            {"instruction": shown(s.instruction)},
+            json.dumps({"is_classification": bool(s.is_classification)}),
+        )
+        for s in examples
+    ]
 
 
 class Classify(PerInstruction):
@@ -51,10 +69,11 @@ class Classify(PerInstruction):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.template = ctx.prompts.get(self.stage)
-        self.examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed)
+        examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed)
+        self.examples, self.demos = ("", as_demos(examples)) if ctx.chat else (as_text(examples), [])
 
     def request(self, rec_id: str, instruction: str) -> TeacherRequest:
-        messages, prompt = self.template.render(examples=self.examples, instruction=instruction)
+        messages, prompt = self.template.render(self.demos, examples=self.examples, instruction=instruction)
         extra = {"json_schema": CLASSIFY_SCHEMA} if self.ctx.chat else {"stop": ["\n"]}
         sampling = self.ctx.sampling(self.stage, rec_id, **extra)
         return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=(rec_id, instruction))

@@ -4,8 +4,10 @@ The reference's finetune-preparation rules, in its order: an instance is dropped
 input equals its output, or its input or output ends with ":" (usually a cut-off generation); then a task whose
 remaining instances share a non-empty input but disagree on the output is dropped whole; duplicates are
 removed; at most `max_instances` per task. The Alpaca pipeline's tasks (one instance each) pass the same rules.
-The corpus is rebuilt from the run's files every time (it is cheap and makes the stage trivially resumable)
-and replaced atomically, so a reader never sees half a corpus.
+One rule of ours comes on top (`--no-drop-repetitive` turns it off): an instance whose input or output loops on
+itself (`repetitive`), what a small teacher decoding greedily often writes; it counts as invalid. The corpus is
+rebuilt from the run's files every time (it is cheap and makes the stage trivially resumable) and replaced
+atomically, so a reader never sees half a corpus.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import json
 from collections import Counter
 from typing import Any
 
+from selfinstruct.filters.heuristics import Repetitive
 from selfinstruct.pipeline import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, RunContext, read_keyed
 from selfinstruct.records import CorpusRecord, Instance
 from selfinstruct.store import atomic_write_text
 
 
-def clean_instances(instances: list[Instance], limit: int, dropped: Counter[str]) -> list[Instance]:
-    """The reference's rules, in its order: drop invalid instances first, then drop the whole task if two of
-    the rest share an input but disagree on the output, then dedupe. Returns [] when the whole task must go;
-    reasons are counted in `dropped`."""
+def clean_instances(
+    instances: list[Instance], limit: int, dropped: Counter[str], repetitive: Repetitive | None = None
+) -> list[Instance]:
+    """The reference's rules, in its order: drop invalid instances first (with `repetitive`, when given, among
+    the invalid), then drop the whole task if two of the rest share an input but disagree on the output, then
+    dedupe. Returns [] when the whole task must go; reasons are counted in `dropped`."""
     valid: list[Instance] = []
     for inst in instances:
         inp, out = inst.input.strip(), inst.output.strip()
@@ -32,6 +37,8 @@ def clean_instances(instances: list[Instance], limit: int, dropped: Counter[str]
             dropped["input_equals_output"] += 1
         elif inp.endswith(":") or out.endswith(":"):
             dropped["ends_with_colon"] += 1
+        elif repetitive is not None and (repetitive(inp) or repetitive(out)):
+            dropped["repetitive"] += 1
         else:
             valid.append(Instance(inp, out))
     outputs_by_input: dict[str, set[str]] = {}
@@ -60,6 +67,7 @@ async def run(ctx: RunContext) -> None:
     labels = read_keyed(ctx.run, CLASSIFICATION)
     generated = read_keyed(ctx.run, INSTANCES) if cfg.pipeline == "self-instruct" else {}
     dropped: Counter[str] = Counter()
+    repetitive = Repetitive() if cfg.drop_repetitive else None
     records: list[CorpusRecord] = []
     waiting = tasks_dropped = 0
     for rec_id, rec in instructions.items():
@@ -72,7 +80,7 @@ async def run(ctx: RunContext) -> None:
             raw = rec["instances"]
         label = labels.get(rec_id, {}).get("is_classification", rec.get("is_classification"))
         instances = clean_instances(
-            [Instance(i["input"], i["output"]) for i in raw], cfg.max_instances, dropped
+            [Instance(i["input"], i["output"]) for i in raw], cfg.max_instances, dropped, repetitive
         )
         if not instances:
             tasks_dropped += 1

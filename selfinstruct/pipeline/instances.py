@@ -11,6 +11,7 @@ is recorded with no instances and counted.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import deque
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from selfinstruct.parsing import instances_schema, parse_instances, shown
 from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, REJECTED, PerInstruction, RunContext, read_keyed
 from selfinstruct.pipeline.classify import labelled_seeds
+from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
@@ -40,11 +42,27 @@ def format_examples(task: SeedTask, output_first: bool) -> str:
     return "\n".join(lines)
 
 
-def few_shot(seeds: list[SeedTask], output_first: bool, seed: int) -> str:
+def as_json(task: SeedTask, output_first: bool) -> str:
+    """A seed task's instances as the chat answer the stage's schema asks for (a demonstration)."""
+    keys = ("label", "input") if output_first else ("input", "output")
+    items = [
+        dict(
+            zip(
+                keys,
+                (i.output.strip(), i.input.strip()) if output_first else (i.input.strip(), i.output.strip()),
+                strict=True,
+            )
+        )
+        for i in task.instances
+    ]
+    return json.dumps({"instances": items}, ensure_ascii=False)
+
+
+def few_shot(seeds: list[SeedTask], output_first: bool, seed: int) -> list[SeedTask]:
+    """Seed tasks of the same kind (classification or not), chosen once per run."""
     rng = random.Random(f"{seed}:instances:{output_first}")
     same_kind = [s for s in seeds if s.is_classification == output_first] or seeds
-    picked = rng.sample(same_kind, min(EXAMPLE_TASKS, len(same_kind)))
-    return "\n\n".join(format_examples(s, output_first) for s in picked)
+    return rng.sample(same_kind, min(EXAMPLE_TASKS, len(same_kind)))
 
 
 class Instances(PerInstruction):
@@ -57,8 +75,20 @@ class Instances(PerInstruction):
             False: ctx.prompts.get("instances_input_first"),
             True: ctx.prompts.get("instances_output_first"),
         }
+        self.examples: dict[bool, str] = {}
+        self.demos: dict[bool, list[Demo]] = {}
         examples_from = labelled_seeds(ctx.seeds)
-        self.examples = {kind: few_shot(examples_from, kind, ctx.cfg.seed) for kind in (False, True)}
+        for kind in (False, True):
+            picked = few_shot(examples_from, kind, ctx.cfg.seed)
+            if ctx.chat:
+                self.examples[kind] = ""
+                self.demos[kind] = [
+                    Demo({"instruction": shown(s.instruction), "count": len(s.instances)}, as_json(s, kind))
+                    for s in picked
+                ]
+            else:
+                self.examples[kind] = "\n\n".join(format_examples(s, kind) for s in picked)
+                self.demos[kind] = []
         self.labels = read_keyed(ctx.run, CLASSIFICATION)
         # An instruction the classify stage has not answered yet (its requests failed) waits for a later run:
         # generated now, it would be input-first for good even if it turns out to be classification.
@@ -73,7 +103,10 @@ class Instances(PerInstruction):
     def request(self, rec_id: str, instruction: str) -> TeacherRequest:
         max_instances, output_first = self.ctx.cfg.max_instances, self.output_first(rec_id)
         messages, prompt = self.templates[output_first].render(
-            examples=self.examples[output_first], instruction=instruction, count=max_instances
+            self.demos[output_first],
+            examples=self.examples[output_first],
+            instruction=instruction,
+            count=max_instances,
         )
         if self.ctx.chat:
             extra: dict[str, Any] = {

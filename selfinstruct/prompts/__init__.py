@@ -4,7 +4,10 @@ Every text template of the project lives here (generation prompts, the Alpaca tr
 card, the HTML report); `read_template(name)` is the one way to read a packaged one.
 
 `<stage>.chat.txt` is for chat models: an optional `[system]` section and a `[user]` section, each a line of
-its own. `<stage>.completion.txt` is the raw text a base model continues. Placeholders are `{{ name }}`; the
+its own. A stage may pass *demonstrations*: each is rendered as a user turn from the same `[user]` section with
+the demonstration's values, followed by an assistant turn holding its answer (real seed tasks in the exact
+answer shape). Small chat models copy what an answer looks like far more faithfully than they follow a
+description of it (shown a `{"instructions": ["first task", ...]}` shape, a 135M model writes "First task"). `<stage>.completion.txt` is the raw text a base model continues. Placeholders are `{{ name }}`; the
 pipeline renders the variable parts (numbered example lists, few-shot blocks) in code because the parsers
 depend on their exact shape, and the template holds the wording around them. One trailing newline at the end of
 a file is dropped (editors add it; a base model's prompt must end exactly where the list continues).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -56,6 +60,14 @@ _SECTION = re.compile(r"^\[(system|user)\]\s*$", re.M)
 
 
 @dataclass(frozen=True)
+class Demo:
+    """One worked example for a chat prompt: the values of its user turn and the assistant's answer."""
+
+    values: Mapping[str, object]
+    answer: str
+
+
+@dataclass(frozen=True)
 class Template:
     name: str  # e.g. "bootstrap.chat.txt"
     source: str  # where it was read from (for error messages and provenance)
@@ -63,17 +75,25 @@ class Template:
     body: str  # the user message (chat) or the whole prompt (completion)
     hash: str  # short sha256 of the file text: which wording produced a record
 
-    def render(self, **values: object) -> tuple[list[dict[str, str]] | None, str | None]:
-        """(messages, None) for a chat template, (None, prompt) for a completion template."""
+    def render(
+        self, demos: Sequence[Demo] = (), **values: object
+    ) -> tuple[list[dict[str, str]] | None, str | None]:
+        """(messages, None) for a chat template, (None, prompt) for a completion template.
 
-        def fill(text: str) -> str:
-            return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
+        `demos` become user/assistant turns before the real user turn (chat only: a completion template shows
+        its examples inline through its own placeholders)."""
+
+        def fill(text: str, vals: Mapping[str, object]) -> str:
+            return _PLACEHOLDER.sub(lambda m: str(vals[m.group(1)]), text)
 
         if self.name.endswith(".chat.txt"):
-            messages = [{"role": "system", "content": fill(self.system)}] if self.system else []
-            messages.append({"role": "user", "content": fill(self.body)})
+            messages = [{"role": "system", "content": fill(self.system, values)}] if self.system else []
+            for demo in demos:
+                messages.append({"role": "user", "content": fill(self.body, {**values, **demo.values})})
+                messages.append({"role": "assistant", "content": demo.answer})
+            messages.append({"role": "user", "content": fill(self.body, values)})
             return messages, None
-        return None, fill(self.body)
+        return None, fill(self.body, values)
 
 
 class Prompts:

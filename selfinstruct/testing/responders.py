@@ -200,8 +200,10 @@ class PipelineResponder:
 
     # -- bootstrap ------------------------------------------------------------------------------------
     def _bootstrap_chat(self, text: str, structured: bool, rng: random.Random) -> str:
-        m = re.search(r"Write (\d+) new tasks", text)
-        items = [self.instruction(rng) for _ in range(int(m.group(1)) if m else 7)]
+        counts = re.findall(
+            r"Write (\d+) new tasks", text
+        )  # the last user turn's (demonstrations come first)
+        items = [self.instruction(rng) for _ in range(int(counts[-1]) if counts else 7)]
         if structured or not self.messy:
             return json.dumps({"instructions": items})
         style = rng.randrange(6)
@@ -238,8 +240,8 @@ class PipelineResponder:
         }
 
     def _alpaca_chat(self, text: str, structured: bool, rng: random.Random) -> str:
-        m = re.search(r"write (\d+) diverse tasks", text)
-        tasks = [self._task(rng) for _ in range(int(m.group(1)) if m else 20)]
+        counts = re.findall(r"write (\d+) diverse tasks", text)
+        tasks = [self._task(rng) for _ in range(int(counts[-1]) if counts else 20)]
         if structured or not self.messy:
             return json.dumps({"tasks": tasks})
         return "\n###\n".join(
