@@ -431,9 +431,9 @@ async def _answers(teacher: Any, examples: list[dict[str, Any]], max_tokens: int
 
 async def _answers_from(cfg: EvaluateConfig, model: _Model, examples: list[dict[str, Any]]) -> list[str]:
     """Start a teacher for one model from `cfg.teacher`, answer, and shut it down (freeing the engine)."""
-    from selfinstruct.teachers import make_teacher
+    from selfinstruct.teachers import make_teacher, teacher_class
 
-    served = model.served if cfg.teacher.backend == "openai" else model.path
+    served = model.path if teacher_class(cfg.teacher).in_process else model.served
     teacher = make_teacher(cfg.teacher.model_copy(update={"model": served}))
     try:
         await teacher.start()

@@ -84,7 +84,7 @@ class GenerateConfig(Section):
     request_batch: int | None = Field(
         None,
         ge=1,
-        description="prompts per teacher call (default: 1 over HTTP, a whole round of `concurrency` for --teacher vllm)",
+        description="prompts per teacher call (default: 1, each answer handled as it arrives; the teacher batches what is in flight)",
     )
     # decoding
     decoding: Literal["auto", "reference", "chat"] = Field(
@@ -376,7 +376,8 @@ def run_generate(
 ) -> int:
     """Run (or resume) the pipeline in `cfg.out`. `teacher`: an already started teacher to use (tests, notebooks).
 
-    Returns the exit code: 0 when finished or stopped by a budget cap, 130 when interrupted.
+    Returns the exit code: 0 when finished or stopped by a budget cap, 130 when interrupted by Ctrl-C (SIGINT),
+    143 (128 + 15, the shell's convention) when stopped by SIGTERM.
     """
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     seeds = load_tasks_any(cfg.seeds)
@@ -415,9 +416,10 @@ def run_generate(
         )
         monitor = Monitor(ctx, state, console)
         ctx.on_tick = monitor.tick
+        signals: list[int] = []  # the signal that stopped the run, if one did
         try:
             with monitor:
-                asyncio.run(_session(ctx, stages, own_teacher, console))
+                asyncio.run(_session(ctx, stages, own_teacher, console, signals))
         finally:
             journal.close()
             summary = monitor.summary(final=True)
@@ -425,24 +427,30 @@ def run_generate(
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
     if ctx.stop_reason == "interrupted":
-        return 130
+        return 128 + signals[0] if signals and signals[0] == signal.SIGTERM else 130
     return 0
 
 
-async def _session(ctx: RunContext, stages: list[str], own_teacher: bool, console: Console) -> None:
+async def _session(
+    ctx: RunContext, stages: list[str], own_teacher: bool, console: Console, signals: list[int]
+) -> None:
+    """Start the teacher, run the stages, close the teacher. The first SIGINT or SIGTERM (recorded in
+    `signals`) stops the run gently: answers in flight are given up (the vLLM engine aborts them between two
+    steps), what is complete is written, the teacher shuts down; a second one stops the process at once."""
     loop = asyncio.get_running_loop()
     ctx.stop = asyncio.Event()
 
-    def interrupt() -> None:
+    def interrupt(sig: int) -> None:
         console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
+        signals.append(sig)
         ctx.stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)  # a second signal interrupts for real
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(s)  # a second signal interrupts for real
 
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt)
+            loop.add_signal_handler(sig, interrupt, sig)
             handled.append(sig)
     try:
         if own_teacher:

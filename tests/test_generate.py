@@ -447,6 +447,12 @@ class _Source:
     def handle(self, responses):
         pass
 
+    def satisfied(self):
+        return False
+
+    def abandoned(self, requests):
+        pass
+
 
 def test_drive_reports_exact_in_flight_so_request_caps_are_exact():
     """Regression: a call counted by the teacher before its future finished was once counted twice."""

@@ -144,25 +144,18 @@ class RunContext:
 
     @property
     def request_batch(self) -> int:
-        """Requests per teacher call: 1 for HTTP (each request is its own call, `concurrency` of them in
-        flight); a whole round for the in-process vLLM engine, which schedules them together."""
-        if self.cfg.request_batch is not None:
-            return self.cfg.request_batch
-        return self.teacher.concurrency if self.cfg.teacher.backend == "vllm" else 1
+        """Requests per teacher call: `--request-batch`, else what the teacher prefers (its `batch_size`)."""
+        return self.cfg.request_batch or self.teacher.batch_size
 
     @property
     def slots(self) -> int:
-        """Teacher calls in flight at once (the vLLM engine runs one call at a time)."""
-        if self.cfg.teacher.backend == "vllm":
-            return 1
-        return max(1, self.teacher.concurrency // self.request_batch)
+        """Teacher calls in flight at once: enough to keep `max_in_flight` requests going."""
+        return max(1, self.teacher.max_in_flight // self.request_batch)
 
     def sampling(self, stage: str, key: object, **extra: Any) -> Sampling:
-        """The stage's decoding. Over HTTP each request also gets a seed derived from `--seed` and a request
-        key (OpenAI honours it on a best-effort basis). The in-process engine gets none: its engine seed
-        (`--teacher-seed`) already makes a run repeatable, and per-request seeds crash vLLM's CPU build
-        ("CPU Generator does not use offset" once a prompt is prefilled in chunks)."""
-        if self.cfg.teacher.backend == "vllm":
+        """The stage's decoding. A teacher that honours per-request seeds also gets one, derived from `--seed`
+        and a request key, so a rerun asks the same questions with the same seeds."""
+        if not self.teacher.honours_per_request_seed:
             return Sampling(**self.decoding[stage], **extra)
         digest = hashlib.blake2b(f"{self.cfg.seed}:{stage}:{key}".encode(), digest_size=4).digest()
         return Sampling(**self.decoding[stage], seed=int.from_bytes(digest, "big") >> 1, **extra)
@@ -256,6 +249,12 @@ class PerInstruction(abc.ABC):
     def next_call(self, in_flight: int) -> list[TeacherRequest] | None:
         n = min(self.ctx.can_send(in_flight), len(self.todo))
         return [self.request(*self.todo.popleft()) for _ in range(n)] or None
+
+    def satisfied(self) -> bool:
+        return False  # every answer is needed
+
+    def abandoned(self, requests: list[TeacherRequest]) -> None:
+        self.ctx.stats[self.stage].requests += len(requests)
 
     def handle(self, responses: list[TeacherResponse]) -> None:
         results = []

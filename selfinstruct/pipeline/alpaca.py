@@ -44,6 +44,10 @@ class Alpaca(Growing):
         super().__init__(ctx)
         self.shown = min(ctx.cfg.alpaca_prompt_tasks, len(ctx.seeds))
 
+    @property
+    def asked_per_prompt(self) -> int:
+        return self.ctx.cfg.alpaca_new_tasks
+
     def request(self, round_: int, k: int) -> TeacherRequest:
         ctx, cfg = self.ctx, self.ctx.cfg
         shown = self.rng.sample(ctx.seeds, self.shown)

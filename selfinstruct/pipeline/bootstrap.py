@@ -141,16 +141,30 @@ def prompt_hash(messages: list[dict[str, str]] | None, prompt: str | None) -> st
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+MIN_IN_FLIGHT = 4
+"""Requests kept in flight however few instructions are still wanted (unless --concurrency is lower)."""
+PRIOR_ANSWERS = 2
+"""How many answers' worth of weight the prior yield has against the yield observed in this session."""
+
+
 class Growing(abc.ABC):
     """What the bootstrap and the Alpaca stage share: the pool, rounds, pacing and patience.
 
-    A round is one teacher call (`request_batch` prompts built from the same pool snapshot). After the first
-    answers the stage knows its yield (kept per request) and starts no request the ones in flight are expected
-    to make unnecessary, so it does not overshoot the target by a whole window of requests. `patience` answers
-    in a row without a kept instruction stop the stage (a teacher that only repeats itself).
+    A round is one teacher call (`request_batch` prompts built from the same pool snapshot). Requests in flight
+    are sized to the need: the instructions still wanted divided by the expected yield (kept per answer), at
+    least `MIN_IN_FLIGHT` and at most the teacher's `max_in_flight` (`--concurrency`). Before any answer the
+    expected yield is a prior of half the items asked per prompt, so a small target starts with a few requests
+    (a first answer soon, on a slow teacher) rather than a window of hundreds; the observed yield takes over
+    as answers come in. `patience` answers in a row without a kept instruction stop the stage (a teacher that
+    only repeats itself).
     """
 
     stage: str
+
+    @property
+    @abc.abstractmethod
+    def asked_per_prompt(self) -> int:
+        """How many instructions one prompt asks for."""
 
     def __init__(self, ctx: RunContext):
         cfg = ctx.cfg
@@ -172,18 +186,29 @@ class Growing(abc.ABC):
     def answer(self, response: TeacherResponse) -> int:
         """Parse and filter one successful answer; return how many instructions it added."""
 
+    def wanted_in_flight(self, remaining: int) -> int:
+        """Requests worth having in flight to keep `remaining` more instructions coming."""
+        prior = self.asked_per_prompt / 2
+        expected = (self.kept_now + PRIOR_ANSWERS * prior) / (self.answered + PRIOR_ANSWERS)
+        ceiling = self.ctx.teacher.max_in_flight
+        return min(ceiling, max(MIN_IN_FLIGHT, math.ceil(remaining / expected)))
+
     def next_call(self, in_flight: int) -> list[TeacherRequest] | None:
         remaining = self.target - self.keeper.count
         if remaining <= 0 or self.idle >= self.ctx.cfg.patience:
             return None
-        n = self.ctx.can_send(in_flight)
-        if self.kept_now:
-            n = min(n, math.ceil(remaining * self.answered / self.kept_now) - in_flight)
+        n = min(self.ctx.can_send(in_flight), self.wanted_in_flight(remaining) - in_flight)
         if n <= 0:
             return None
         batch = [self.request(self.round, k) for k in range(n)]
         self.round += 1
         return batch
+
+    def satisfied(self) -> bool:
+        return self.keeper.count >= self.target
+
+    def abandoned(self, requests: list[TeacherRequest]) -> None:
+        self.ctx.stats[self.stage].requests += len(requests)
 
     def handle(self, responses: list[TeacherResponse]) -> None:
         for response in responses:
@@ -213,6 +238,10 @@ class Growing(abc.ABC):
 
 class Bootstrap(Growing):
     stage = "bootstrap"
+
+    @property
+    def asked_per_prompt(self) -> int:
+        return self.ctx.cfg.new_per_prompt
 
     def request(self, round_: int, k: int) -> TeacherRequest:
         ctx, cfg, rng = self.ctx, self.ctx.cfg, self.rng

@@ -164,16 +164,25 @@ class CallSource(Protocol):
     def handle(self, responses: list[TeacherResponse]) -> None:
         """Parse, filter and journal the answers of one call (runs on the event loop: keep it CPU-light)."""
 
+    def satisfied(self) -> bool:
+        """True once no answer still in flight can be of use (a growing stage that reached its target); the
+        calls still in flight are then cancelled and their requests passed to `abandoned`."""
+
+    def abandoned(self, requests: list[TeacherRequest]) -> None:
+        """Requests sent and then given up because the source was satisfied (they count as sent)."""
+
 
 async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.Event) -> bool:
     """Keep up to `slots` calls in flight until the source has nothing more to send and all calls returned.
 
     Finished calls land in a queue as they complete (O(1) per call, however many are in flight) and are
     handled in that order. Returns False when `stop` was set (Ctrl-C): calls still in flight are cancelled
-    and their answers dropped; answers already received are handled first.
+    and their answers dropped; answers already received are handled first. Calls still in flight when the
+    source is `satisfied()` are cancelled too (a slow teacher would otherwise finish answers nobody needs).
     """
     finished: asyncio.Queue[asyncio.Future[list[TeacherResponse]] | None] = asyncio.Queue()
     pending: set[asyncio.Future[list[TeacherResponse]]] = set()
+    batches: dict[asyncio.Future[list[TeacherResponse]], list[TeacherRequest]] = {}
     # Requests sent and not yet counted by the teacher. Derived from the teacher's own count rather than from
     # the queue of finished calls: a call can be counted in `teacher.stats` a moment before its future reaches
     # the queue, and counting it twice would stop a `--max-requests` budget one request early.
@@ -193,6 +202,7 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
                 call = asyncio.ensure_future(teacher.generate(batch))
                 call.add_done_callback(finished.put_nowait)
                 pending.add(call)
+                batches[call] = batch
                 sent += len(batch)
             if not pending:
                 return not stop.is_set()
@@ -203,9 +213,13 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
                 if call is None:
                     continue
                 pending.discard(call)
+                del batches[call]
                 source.handle(call.result())  # a UserError (every endpoint failing) ends the run
             if stop.is_set():
                 return False
+            if source.satisfied():
+                source.abandoned([r for call in pending for r in batches[call]])
+                return True
     finally:
         stop_waiter.cancel()
         for call in pending:

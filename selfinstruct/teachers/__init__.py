@@ -27,15 +27,21 @@ __all__ = [
     "TeacherStats",
     "Usage",
     "make_teacher",
+    "teacher_class",
 ]
+
+
+def teacher_class(cfg: TeacherConfig) -> type[Teacher]:
+    """The backend class `cfg` picks, for its class-level capabilities (e.g. `in_process`) before building one."""
+    if cfg.backend == "vllm":
+        from selfinstruct.teachers.vllm_engine import VLLMTeacher
+
+        return VLLMTeacher
+    from selfinstruct.teachers.openai_compat import OpenAITeacher
+
+    return OpenAITeacher
 
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:
     """A not-yet-started teacher for `cfg`; call `await teacher.start()` before generating."""
-    if cfg.backend == "vllm":
-        from selfinstruct.teachers.vllm_engine import VLLMTeacher
-
-        return VLLMTeacher(cfg)
-    from selfinstruct.teachers.openai_compat import OpenAITeacher
-
-    return OpenAITeacher(cfg)
+    return teacher_class(cfg)(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -107,13 +107,17 @@ class Teacher(abc.ABC):
     """An LLM that answers batches of requests.
 
     `generate` returns responses in request order; `stream` yields `(index, response)` as each finishes so a
-    pipeline can filter early answers while later ones are still in flight. `concurrency` is how many requests
-    a pipeline should keep in flight to keep this backend busy.
+    pipeline can filter early answers while later ones are still in flight. What differs between backends and
+    matters to a pipeline is said by the capabilities below (`in_process`, `max_in_flight`, `batch_size`,
+    `honours_per_request_seed`), so no code outside `teachers/` asks which backend it has.
     """
 
     model: str
     concurrency: int
     stats: TeacherStats
+
+    in_process: ClassVar[bool] = False
+    """True when the backend loads the model's weights itself (it needs a path or hub id, not a served name)."""
 
     def __init__(self, cfg: Any, default_concurrency: int):
         """`cfg` is a `TeacherConfig`; `default_concurrency` applies when it sets none."""
@@ -124,6 +128,22 @@ class Teacher(abc.ABC):
         self.concurrency = cfg.concurrency or default_concurrency
         self.stats = TeacherStats()
         self.prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests a pipeline should keep in flight to keep this backend busy (`--concurrency`)."""
+        return self.concurrency
+
+    @property
+    def batch_size(self) -> int:
+        """Requests per `generate` call this backend prefers. 1: every request is its own call and its answer
+        arrives as soon as it is ready (both backends schedule everything in flight together)."""
+        return 1
+
+    @property
+    def honours_per_request_seed(self) -> bool:
+        """Whether a pipeline should give each request its own `Sampling.seed` (known after `start()`)."""
+        return True
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect / load and fail fast (UserError) on a bad endpoint, model name or model path."""

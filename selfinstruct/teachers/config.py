@@ -49,6 +49,11 @@ class TeacherConfig(Section):
         1.0, gt=0, description="first retry delay in seconds; doubles per attempt (with jitter), capped at 60"
     )
     timeout: float = Field(300.0, gt=0, description="seconds one HTTP request may take before it is retried")
+    request_seed: bool | None = Field(
+        None,
+        description="give each request its own seed (default: yes, except to a vLLM server: its CPU build "
+        "crashes on seeded requests whose prompt is prefilled in chunks)",
+    )
     structured_output: bool = Field(
         True, description="ask the backend to enforce a JSON schema when a pipeline supplies one"
     )

@@ -12,6 +12,11 @@ twice in a row is skipped for a growing while, unless every endpoint is in that 
 all its retries while every endpoint is failing, the teacher is unusable and `generate` raises `UserError`;
 otherwise the request comes back with `error` set and the run goes on.
 
+Per-request seeds (`Sampling.seed`) are sent unless `request_seed` is off, or it is left on auto and an endpoint
+is a vLLM server (its `/models` list says `owned_by: "vllm"`): vLLM's CPU build crashes its engine ("CPU
+Generator does not use offset") on a seeded request whose prompt is prefilled in chunks, which its server does
+by default.
+
 Structured output goes out as `response_format` JSON schema; if a server answers 400 to it and the same
 request then works as plain text, schemas are dropped for the rest of the run (`TeacherResponse.structured`
 says which). Servers that ignore `n` (Ollama, llama.cpp) are asked again until the n choices are there.
@@ -206,6 +211,7 @@ class OpenAITeacher(Teacher):
     def __init__(self, cfg: TeacherConfig):
         super().__init__(cfg, DEFAULT_CONCURRENCY)
         self.structured_supported = True  # turned off for the run when a server rejects response_format
+        self._send_seeds = cfg.request_seed is not False  # auto: decided in start() by asking the endpoints
         self._urls = cfg.base_url or [os.environ.get("OPENAI_BASE_URL") or OPENAI_URL]
         self._endpoints: list[_Endpoint] = []
         self._secret = ""
@@ -236,7 +242,11 @@ class OpenAITeacher(Teacher):
             )
             for url in self._urls
         ]
-        results = await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
+        auto_seed = self.cfg.request_seed is None
+        results, is_vllm = await asyncio.gather(
+            asyncio.gather(*(self._probe(ep) for ep in self._endpoints)),
+            asyncio.gather(*(self._is_vllm(ep) for ep in self._endpoints if auto_seed)),
+        )
         dead = [(ep, why) for ep, why in zip(self._endpoints, results, strict=True) if why]
         if len(dead) == len(self._endpoints):
             ep, why = dead[0]
@@ -244,6 +254,20 @@ class OpenAITeacher(Teacher):
         for ep, why in dead:
             log.warning(self._redact(f"teacher endpoint {ep.url} is unreachable ({why}); using the others"))
             ep.failures, ep.down_until = DOWN_AFTER_FAILURES, time.monotonic() + MAX_BACKOFF
+        if auto_seed:
+            self._send_seeds = not any(is_vllm)
+
+    @property
+    def honours_per_request_seed(self) -> bool:
+        return self._send_seeds
+
+    async def _is_vllm(self, ep: _Endpoint) -> bool:
+        """vLLM's OpenAI server lists its models as `owned_by: "vllm"`; a server without `/models` is not it."""
+        try:
+            page = await ep.client.models.list(timeout=min(PROBE_TIMEOUT, self.cfg.timeout))
+        except (openai.OpenAIError, ValueError):
+            return False
+        return any(getattr(m, "owned_by", None) == "vllm" for m in page.data)
 
     async def _probe(self, ep: _Endpoint) -> str | None:
         """None when usable; a reason when unreachable; UserError when the model or key is wrong."""
@@ -336,6 +360,9 @@ class OpenAITeacher(Teacher):
                 ep.served += 1
                 try:
                     choices, usage = await self._call(ep, request, structured)
+                except asyncio.CancelledError:  # given up (Ctrl-C, target reached): it was sent, so it counts
+                    self.stats.requests += 1
+                    raise
                 except Exception as exc:
                     failure = _classify(exc)
                 else:
@@ -436,7 +463,7 @@ class OpenAITeacher(Teacher):
             args["frequency_penalty"] = s.frequency_penalty
         if s.stop:
             args["stop"] = s.stop
-        if s.seed is not None:
+        if s.seed is not None and self._send_seeds:
             args["seed"] = s.seed
         if timeout is not None:
             args["timeout"] = timeout

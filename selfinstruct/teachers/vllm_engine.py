@@ -1,14 +1,15 @@
 """Teacher backend that runs vLLM in this process (`vllm.LLM`), for users with their own GPU(s).
 
-The engine is built once in `start()`. Each `generate()` hands the whole batch to vLLM at once, one
-`LLM.generate` call for raw prompts and one `LLM.chat` call for chat messages, so vLLM's scheduler sees every
-prompt of a round and keeps the GPU full. `Sampling` maps 1:1 onto `SamplingParams` (`max_tokens` always
-explicit: vLLM's own default is 16).
+One engine thread owns the engine (vLLM's offline API is not thread-safe): it adds the requests that arrive,
+runs `LLMEngine.step()` while any are unfinished, and hands each answer back the moment vLLM finishes it. So
+the engine batches everything in flight (continuous batching, as behind an HTTP server), a pipeline sees
+answers, progress and journal records as they come rather than when a whole round ends, and a request given
+up on (Ctrl-C, SIGTERM) is aborted between two steps instead of running to the end. `Sampling` maps 1:1 onto
+`SamplingParams` (`max_tokens` always explicit: vLLM's own default is 16).
 
-vLLM's offline API is blocking and not thread-safe, so every engine call runs on one dedicated worker thread:
-the event loop stays free (progress bars, other teachers) and calls never overlap. vLLM is imported there,
-lazily, so the rest of the tool works without it. The engine spawns worker processes, so a script that starts
-this teacher needs an `if __name__ == "__main__":` guard.
+vLLM is imported in the engine thread, lazily, so the rest of the tool works without it. The engine spawns
+worker processes, so a script that starts this teacher needs an `if __name__ == "__main__":` guard, and
+`close()` shuts them down (`engine_core.shutdown()`) rather than leaving that to interpreter exit.
 
 Structured output uses `StructuredOutputsParams(json=schema)` with vLLM's automatic choice of grammar backend.
 """
@@ -16,9 +17,13 @@ Structured output uses `StructuredOutputsParams(json=schema)` with vLLM's automa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import gc
+import queue
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from selfinstruct.errors import UserError
@@ -27,29 +32,52 @@ from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherR
 from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
 
-DEFAULT_CONCURRENCY = 256  # vLLM batches internally; pipelines should hand it big rounds
+DEFAULT_CONCURRENCY = 256  # the engine batches whatever is in flight: give it plenty
+SHUTDOWN_GRACE_S = 2.0
+"""Seconds the engine's processes get to exit after SIGTERM before they are killed (vLLM's default: 5)."""
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request on its way through the engine, and where its answer goes."""
+
+    request: TeacherRequest
+    future: asyncio.Future[TeacherResponse]
+    loop: asyncio.AbstractEventLoop
 
 
 class VLLMTeacher(Teacher):
+    in_process = True
+
     def __init__(self, cfg: TeacherConfig):
         super().__init__(cfg, DEFAULT_CONCURRENCY)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-teacher")
         self._llm: Any = None
         self._model_path = self.model  # what vLLM loads: `model` resolved by `selfinstruct.models`
+        self._chat_template = False
+        self._inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready: concurrent.futures.Future[None] | None = None
+        self._jobs: dict[str, _Job] = {}  # engine thread only: vLLM's request id -> job
+        self._dead: str | None = None  # engine thread only: why the engine stopped answering
 
-    async def _in_engine_thread(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    @property
+    def honours_per_request_seed(self) -> bool:
+        """No: per-request seeds crash vLLM's CPU build ("CPU Generator does not use offset" once a prompt is
+        prefilled in chunks); the engine seed (`--teacher-seed`) seeds the run instead."""
+        return False
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._llm is None:
-            # a GGUF file or adapter is converted first (once, cached): in the engine thread, off the event loop
-            self._model_path = await self._in_engine_thread(
-                lambda: resolve_model(
-                    self.model, "teacher model", trust_remote_code=self.cfg.trust_remote_code
-                )
+        if self._thread is None:
+            # a GGUF file or adapter is converted first (once, cached), off the event loop
+            self._model_path = await asyncio.to_thread(
+                resolve_model, self.model, "teacher model", trust_remote_code=self.cfg.trust_remote_code
             )
-            self._llm = await self._in_engine_thread(self._build)
+            self._ready = concurrent.futures.Future()
+            self._thread = threading.Thread(target=self._serve, name="vllm-teacher", daemon=True)
+            self._thread.start()
+        assert self._ready is not None
+        await asyncio.wrap_future(self._ready)
 
     def _build(self) -> Any:
         try:
@@ -78,73 +106,141 @@ class VLLMTeacher(Teacher):
             raise UserError(f"vLLM could not load teacher model {c.model}: {first_line}") from exc
 
     async def close(self) -> None:
-        if self._llm is not None:
-            await self._in_engine_thread(self._drop_engine)
-        self._executor.shutdown(wait=True)
+        """Abort what is still running, stop the engine's processes and the engine thread."""
+        if self._thread is not None:
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- generation (event loop side) ----------------------------------------------------------------------
+    async def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResponse]:
+        """Answers in request order; cancelling the call aborts its unfinished requests in the engine."""
+        await self.start()
+        if not self._chat_template and any(r.messages is not None for r in requests):
+            raise UserError(
+                f"teacher model {self.model} has no chat template: use raw prompts (api = completions)"
+            )
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(r, loop.create_future(), loop) for r in requests]
+        self._inbox.put(("add", jobs))
+        try:
+            return list(await asyncio.gather(*(job.future for job in jobs)))
+        except asyncio.CancelledError:
+            abandoned = {job.future for job in jobs if job.future.cancelled()}
+            self.stats.requests += len(abandoned)  # given up (Ctrl-C, target reached): sent, so they count
+            self._inbox.put(("abort", abandoned))
+            raise
+
+    def _deliver(self, job: _Job, response: TeacherResponse) -> None:
+        """Called on the event loop: count the answer and resolve its future, unless it was given up."""
+        if not job.future.done():
+            self._account(response)
+            job.future.set_result(response)
+
+    def _account(self, response: TeacherResponse) -> None:
+        s = self.stats
+        s.requests += 1
+        if response.error:
+            s.failed_requests += 1
+            s.errors_by_kind["rejected"] = s.errors_by_kind.get("rejected", 0) + 1
+            return
+        response.cost = cost(response.usage, self.prices)
+        s.prompt_tokens += response.usage.prompt_tokens
+        s.completion_tokens += response.usage.completion_tokens
+        s.cost += response.cost
+
+    # -- the engine thread ---------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        """Build the engine, then add / abort / step until `close()`; shut the engine down on the way out."""
+        assert self._ready is not None
+        try:
+            self._llm = self._build()
+            self._chat_template = bool(getattr(self._llm.get_tokenizer(), "chat_template", None))
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        engine = self._llm.llm_engine
+        try:
+            while True:
+                busy = self._dead is None and engine.has_unfinished_requests()
+                commands = [] if busy else [self._inbox.get()]  # idle: sleep until there is work
+                while not self._inbox.empty():
+                    commands.append(self._inbox.get_nowait())
+                for command in commands:
+                    if command is None:
+                        return
+                    kind, arg = command
+                    if kind == "add":
+                        for job in arg:
+                            self._add(job)
+                    else:
+                        self._abort(arg)
+                if self._dead is None and engine.has_unfinished_requests():
+                    self._step(engine)
+        finally:
+            self._fail_all("the teacher was closed")
+            self._drop_engine()
+
+    def _add(self, job: _Job) -> None:
+        from vllm.exceptions import VLLMClientError
+
+        if self._dead is not None:
+            self._send(job, TeacherResponse(job.request, error=self._dead))
+            return
+        request = job.request
+        try:
+            params = self._sampling_params(request)
+        except ValueError as exc:  # vLLM validates parameters as they are built
+            self._send(job, TeacherResponse(request, error=f"invalid sampling parameters: {exc}"))
+            return
+        try:
+            if request.messages is not None:
+                [request_id] = self._llm.enqueue_chat([request.messages], params, use_tqdm=False)
+            else:
+                [request_id] = self._llm.enqueue([request.prompt], params, use_tqdm=False)
+        except (VLLMClientError, ValueError) as exc:  # a prompt longer than the context, …
+            self._send(job, TeacherResponse(request, error=f"vLLM rejected the request: {exc}"))
+            return
+        # enqueue returns the internal id "<our id>-<random suffix>"; outputs carry the part before the dash
+        self._jobs[request_id.split("-", 1)[0]] = job
+
+    def _abort(self, futures: set[asyncio.Future[TeacherResponse]]) -> None:
+        ids = [rid for rid, job in self._jobs.items() if job.future in futures]
+        if ids and self._dead is None:
+            self._llm.llm_engine.abort_request(ids)
+        for rid in ids:
+            del self._jobs[rid]
+
+    def _step(self, engine: Any) -> None:
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # the engine process died (crash, or it got the terminal's Ctrl-C too)
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            self._dead = f"the vLLM engine stopped: {first_line}"
+            self._fail_all(self._dead)
+            return
+        for out in outputs:
+            job = self._jobs.pop(out.request_id, None) if out.finished else None
+            if job is not None:
+                self._send(job, self._response(job.request, out))
+
+    def _send(self, job: _Job, response: TeacherResponse) -> None:
+        with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody waits for the answer
+            job.loop.call_soon_threadsafe(self._deliver, job, response)
+
+    def _fail_all(self, why: str) -> None:
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            self._send(job, TeacherResponse(job.request, error=why))
 
     def _drop_engine(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when logging has already shut down)."""
         core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
         self._llm = None
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            core.shutdown(timeout=SHUTDOWN_GRACE_S)
         gc.collect()
-
-    # -- generation ----------------------------------------------------------------------------------------
-    async def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResponse]:
-        if self._llm is None:
-            await self.start()
-        responses: list[TeacherResponse] = await self._in_engine_thread(self._generate, list(requests))
-        for r in responses:
-            self._account(r)
-        return responses
-
-    def _generate(self, requests: list[TeacherRequest]) -> list[TeacherResponse]:
-        responses: list[TeacherResponse | None] = [None] * len(requests)
-        params: dict[int, Any] = {}
-        for i, request in enumerate(requests):
-            try:
-                params[i] = self._sampling_params(request)
-            except ValueError as exc:  # vLLM validates parameters as they are built
-                responses[i] = TeacherResponse(request, error=f"invalid sampling parameters: {exc}")
-        chat = [i for i in params if requests[i].messages is not None]
-        raw = [i for i in params if requests[i].messages is None]
-        if chat:
-            self._check_chat_template()
-            self._run(self._llm.chat, [requests[i].messages for i in chat], chat, requests, params, responses)
-        if raw:
-            self._run(self._llm.generate, [requests[i].prompt for i in raw], raw, requests, params, responses)
-        return responses  # type: ignore[return-value]  # every slot is filled
-
-    def _run(
-        self,
-        call: Any,
-        inputs: list[Any],
-        indices: list[int],
-        requests: list[TeacherRequest],
-        params: dict[int, Any],
-        responses: list[TeacherResponse | None],
-    ) -> None:
-        """One engine call for the whole group; if vLLM rejects it (one prompt too long, …), find which."""
-        from vllm.exceptions import VLLMClientError
-
-        try:
-            outputs = call(inputs, [params[i] for i in indices], use_tqdm=False)
-        except (VLLMClientError, ValueError):
-            outputs = []
-            for i, item in zip(indices, inputs, strict=True):
-                try:
-                    outputs.extend(call([item], [params[i]], use_tqdm=False))
-                except (VLLMClientError, ValueError) as exc:
-                    outputs.append(exc)
-        for i, out in zip(indices, outputs, strict=True):
-            responses[i] = self._response(requests[i], out)
-
-    def _check_chat_template(self) -> None:
-        if not getattr(self._llm.get_tokenizer(), "chat_template", None):
-            raise UserError(
-                f"teacher model {self.model} has no chat template: use raw prompts (api = completions)"
-            )
 
     def _sampling_params(self, request: TeacherRequest) -> Any:
         from vllm import SamplingParams
@@ -166,23 +262,9 @@ class VLLMTeacher(Teacher):
         )
 
     def _response(self, request: TeacherRequest, out: Any) -> TeacherResponse:
-        if isinstance(out, Exception):
-            return TeacherResponse(request, error=f"vLLM rejected the request: {out}")
         copies = request.sampling.n if request.sampling.temperature == 0 else 1
         choices = [Choice(c.text, c.finish_reason) for _ in range(copies) for c in out.outputs]
         completion_tokens = copies * sum(len(c.token_ids) for c in out.outputs)
         usage = Usage(len(out.prompt_token_ids or []), completion_tokens)
         structured = self.cfg.structured_output and request.sampling.json_schema is not None
         return TeacherResponse(request, choices, usage, structured=structured)
-
-    def _account(self, response: TeacherResponse) -> None:
-        s = self.stats
-        s.requests += 1
-        if response.error:
-            s.failed_requests += 1
-            s.errors_by_kind["rejected"] = s.errors_by_kind.get("rejected", 0) + 1
-            return
-        response.cost = cost(response.usage, self.prices)
-        s.prompt_tokens += response.usage.prompt_tokens
-        s.completion_tokens += response.usage.completion_tokens
-        s.cost += response.cost

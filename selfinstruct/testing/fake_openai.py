@@ -115,11 +115,14 @@ class FakeOpenAI:
         latency: float = 0.0,
         models: Iterable[str] = ("fake-model",),
         reject_response_format: bool = False,
+        owned_by: str = "fake",
     ):
+        """`owned_by`: what `/models` says owns the models ("vllm" poses as a vLLM server)."""
         self.responder = responder
         self.latency = latency
         self.models = list(models)
         self.reject_response_format = reject_response_format
+        self.owned_by = owned_by
         self.requests: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -193,7 +196,9 @@ class FakeOpenAI:
 
     def _answer(self, path: str, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         if path == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": self.owned_by} for m in self.models
+            ]
             return 200, {}, json.dumps({"object": "list", "data": data}).encode()
         if path not in ("/v1/chat/completions", "/v1/completions"):
             return _error(404, f"no route {path}", None)
@@ -308,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:  # the client hung up mid-request (cancelled): nothing was asked
+            return
         try:
             request = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
