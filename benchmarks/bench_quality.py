@@ -100,15 +100,14 @@ def growth_metrics(run: Path, stage: str) -> dict[str, Any]:
     st = summary["stages"][stage]
     kept = list(read_jsonl(run / "instructions.jsonl"))
     rejected = [r for r in read_jsonl(run / "rejected.jsonl") if r.get("stage") == stage]
-    # an answer yielded something readable when a kept or a rejected-but-parsed candidate came from its prompt
-    readable = {r["meta"].get("prompt_hash") for r in kept}
-    readable |= {
-        r["meta"].get("prompt_hash") for r in rejected if r["reason"] not in ("unparseable", "truncated")
+    # answers with a piece that could not be read (or was cut off); every other answer parsed
+    unreadable = {
+        r["meta"].get("prompt_hash") for r in rejected if r["reason"] in ("unparseable", "truncated")
     }
     answers = st["requests"] - st["failed_requests"]
     return {
         "requests": st["requests"],
-        "parse_valid_rate": ratio(len(readable - {None}), answers),
+        "parse_valid_rate": ratio(answers - len(unreadable), answers),
         "candidates": st["candidates"],
         "kept": len(kept),
         "keep_rate": ratio(len(kept), st["candidates"]),
@@ -162,19 +161,21 @@ def classify_on_seeds(work: Path, seeds_path: Path, teacher: list[str], extra: l
     shots = yes[: len(yes) // 2] + no[: len(no) // 2]
     held = yes[len(yes) // 2 :] + no[len(no) // 2 :]
     run = work / "classify-seeds"
-    run.mkdir(parents=True)
+    if not (run / "state.json").exists():  # a rerun on the same --work only re-reads the results
+        run.mkdir(parents=True, exist_ok=True)
+        shots_file = work / "classify-shots.jsonl"
+        raw = {json.loads(line)["id"]: line for line in seeds_path.read_text().splitlines() if line.strip()}
+        shots_file.write_text("".join(raw[t.id] + "\n" for t in shots))
+        # the held-out seeds enter the run as if they were kept instructions; the classify stage labels them
+        (run / "instructions.jsonl").write_text(
+            "".join(json.dumps({"id": t.id, "instruction": t.instruction, "round": 0}) + "\n" for t in held)
+        )
+        identity = _identity(GenerateConfig(seeds=str(shots_file), out=str(run)))
+        state = {"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0}
+        (run / "state.json").write_text(json.dumps(state))
     shots_file = work / "classify-shots.jsonl"
-    raw = {json.loads(line)["id"]: line for line in seeds_path.read_text().splitlines() if line.strip()}
-    shots_file.write_text("".join(raw[t.id] + "\n" for t in shots))
-    # the held-out seeds enter the run as if they were kept instructions; the classify stage then labels them
-    (run / "instructions.jsonl").write_text(
-        "".join(json.dumps({"id": t.id, "instruction": t.instruction, "round": 0}) + "\n" for t in held)
-    )
-    identity = _identity(GenerateConfig(seeds=str(shots_file), out=str(run)))
-    (run / "state.json").write_text(
-        json.dumps({"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0})
-    )
-    wall = generate(run, shots_file, teacher, "--stages", "classify", *extra)
+    generate(run, shots_file, teacher, "--stages", "classify", *extra)
+    wall = json.loads((run / "summary.json").read_text())["elapsed_s"]
     truth = {t.id: bool(t.is_classification) for t in held}
     pred = {r["id"]: r["is_classification"] for r in read_jsonl(run / "classification.jsonl")}
     tp = sum(1 for i, y in truth.items() if y and pred.get(i))
@@ -216,7 +217,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/quality.json")
-    parser.add_argument("--work", help="keep the run directories here (default: a temp dir)")
+    parser.add_argument(
+        "--work", help="keep the run directories here (default: a temp dir); rerunning on it only re-measures"
+    )
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quality-"))
@@ -262,6 +265,11 @@ def main() -> int:
             server.wait(30)
     results["samples"] = samples(runs, args.samples)
     results["wall_s"] = round(time.monotonic() - t0, 1)
+    results["teacher_wall_s"] = round(
+        sum(r["corpus"]["wall_s"] for r in results["runs"].values())
+        + sum(c["wall_s"] for c in results["classify_on_seeds"].values()),
+        1,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     console.print_json(json.dumps({k: v for k, v in results.items() if k != "samples"}))
