@@ -21,24 +21,9 @@ from selfinstruct.teachers import TeacherConfig, make_teacher
 pytestmark = pytest.mark.vllm
 
 SEEDS = Path(__file__).resolve().parents[1] / "seeds" / "seed_tasks.jsonl"
-PARSE_VALID_FLOOR = 0.5  # measured with the prompts of 2026-12-03: see the report in the closing note
-COMMON_WORDS = {
-    "the",
-    "a",
-    "an",
-    "of",
-    "to",
-    "and",
-    "in",
-    "is",
-    "for",
-    "what",
-    "how",
-    "your",
-    "you",
-    "on",
-    "with",
-}
+# Share of answers that parse, per stage. Measured 2026-12-03 with that day's prompts (6 + 5 instructions):
+# bootstrap, classify and instances 1.0 (the schema is enforced), alpaca 0.75 (6 of 8); floors leave margin.
+PARSE_VALID_FLOOR = {"bootstrap": 0.8, "classify": 0.8, "instances": 0.8, "alpaca": 0.4}
 
 
 def lines(path: Path) -> list[dict]:
@@ -46,13 +31,11 @@ def lines(path: Path) -> list[dict]:
 
 
 def looks_english(text: str) -> bool:
-    words = text.split()
-    ascii_words = [w for w in words if re.fullmatch(r"[A-Za-z][A-Za-z'’-]*[.,;:!?)]*", w)]
-    return (
-        len(words) >= 3
-        and len(ascii_words) >= 0.7 * len(words)
-        and bool(COMMON_WORDS & {w.lower() for w in words})
-    )
+    """Several words, ASCII, mostly plain alphabetic words (what a placeholder, code or mojibake is not)."""
+    words = [w.strip(".,;:!?()'\"") for w in text.split()]
+    alphabetic = [w for w in words if re.fullmatch(r"[A-Za-z]+(['’-][A-Za-z]+)*", w)]
+    ascii_share = sum(c.isascii() for c in text) / len(text)
+    return len(words) >= 3 and ascii_share >= 0.95 and len(alphabetic) >= 0.6 * len(words)
 
 
 def parse_valid_rate(stage: dict) -> float:
@@ -95,7 +78,7 @@ def test_generate_on_a_real_vllm_server_with_default_flags(smollm2_server, tmp_p
         "self-instruct/instances",
         "alpaca/alpaca",
     }
-    assert all(rate >= PARSE_VALID_FLOOR for rate in rates.values()), rates
+    assert all(rate >= PARSE_VALID_FLOOR[name.split("/")[1]] for name, rate in rates.items()), rates
     for name, summary in (("si", self_instruct), ("alpaca", alpaca)):
         assert summary["finished"], summary
         kept = [r["instruction"] for r in lines(tmp_path / name / "instructions.jsonl")]
@@ -104,4 +87,4 @@ def test_generate_on_a_real_vllm_server_with_default_flags(smollm2_server, tmp_p
         # in the order kept, each passes the heuristics and the ROUGE-L novelty filter against seeds + earlier
         check = CandidateFilter(pool=[t.instruction for t in load_tasks_any(str(SEEDS))])
         assert all(decision.keep for text in kept for decision in check([text])), kept
-    assert self_instruct["corpus_records"] >= 1 and alpaca["corpus_records"] >= 1
+    assert alpaca["corpus_records"] >= 1  # each kept Alpaca task brings its own instance
