@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,10 +90,10 @@ class VLLMServer:
     log: Path  # the server's stdout+stderr, for debugging
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A real `vllm.entrypoints.openai.api_server` on the tiny model, started once (~30 s), killed at the end."""
-    import contextlib
+@contextlib.contextmanager
+def running_vllm_server(model_dir: Path, name: str, log_dir: Path, *flags: str):
+    """A real `vllm.entrypoints.openai.api_server` serving `model_dir` as `name` (DESIGN.md §4 CPU recipe plus
+    `flags`), up within 240 s; its whole process group is stopped on exit."""
     import signal
     import socket
     import subprocess
@@ -103,15 +104,12 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    log = log_dir / "server.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_model_dir), "--served-model-name", "tiny",
+        "--model", str(model_dir), "--served-model-name", name,
         "--host", "127.0.0.1", "--port", str(port),
-        "--gpu-memory-utilization", "0.1", "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
-        # compact JSON under a schema: a random tiny model otherwise emits whitespace until max_tokens
-        "--structured-outputs-config.backend", "xgrammar",
-        "--structured-outputs-config.disable_any_whitespace", "true",
+        "--gpu-memory-utilization", "0.1", "--enforce-eager", "--dtype", "float32", *flags,
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -129,7 +127,7 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"vLLM server not up after 240 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield VLLMServer(f"http://127.0.0.1:{port}/v1", "tiny", log)
+        yield VLLMServer(f"http://127.0.0.1:{port}/v1", name, log)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # its own session: the engine processes go too
@@ -139,3 +137,33 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM server on the tiny model, started once (~30 s), killed at the end."""
+    flags = (
+        "--max-model-len", "2048",
+        # compact JSON under a schema: a random tiny model otherwise emits whitespace until max_tokens
+        "--structured-outputs-config.backend", "xgrammar",
+        "--structured-outputs-config.disable_any_whitespace", "true",
+    )  # fmt: skip
+    with running_vllm_server(
+        tiny_model_dir, "tiny", tmp_path_factory.mktemp("vllm-server"), *flags
+    ) as server:
+        yield server
+
+
+# TEMP: replaced by models.py fixture at merge
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory."""
+    return Path(os.environ.get("SELFINSTRUCT_TEST_SMOLLM2", "/work/models/smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM server on SmolLM2-135M-Instruct with the server's DEFAULT scheduling flags (chunked prefill
+    on), the way a user starts it; started once, killed at the end."""
+    with running_vllm_server(smollm2_dir, "smollm2", tmp_path_factory.mktemp("smollm2-server")) as server:
+        yield server

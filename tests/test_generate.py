@@ -462,3 +462,38 @@ def test_drive_reports_exact_in_flight_so_request_caps_are_exact():
         source = _Source(teacher, cap=25)
         assert asyncio.run(drive(teacher, source, slots=4, stop=asyncio.Event()))
         assert teacher.stats.requests == source.sent == 25
+
+
+@pytest.mark.parametrize(
+    ("owned_by", "request_seed", "seeded"),
+    [("fake", None, True), ("vllm", None, False), ("vllm", True, True), ("fake", False, False)],
+)
+def test_per_request_seeds_are_not_sent_to_a_vllm_server_by_default(
+    seeds, tmp_path, owned_by, request_seed, seeded
+):
+    """vLLM's CPU build crashes on seeded requests: on auto, a server whose /models says vLLM gets none."""
+    with FakeOpenAI(responder=PipelineResponder(seed=12), owned_by=owned_by) as server:
+        cfg = config(
+            seeds,
+            tmp_path / "run",
+            server,
+            teacher={"request_seed": request_seed},
+            num_instructions=5,
+            stages=["bootstrap"],
+        )
+        assert run_generate(cfg) == 0
+        sent = generation_requests(server)
+    assert sent and all(("seed" in r) == seeded for r in sent)
+
+
+def test_a_small_target_starts_with_a_few_requests_not_a_full_window(seeds, tmp_path):
+    """20 instructions at 7 asked per prompt: about 6 requests in flight (prior yield 3.5), not --concurrency 32."""
+    with FakeOpenAI(responder=PipelineResponder(seed=13), latency=0.2) as server:
+        cfg = config(seeds, tmp_path / "run", server, teacher={"concurrency": 32}, num_instructions=20)
+        cfg.stages = ["bootstrap"]
+        assert run_generate(cfg) == 0
+        sent = generation_requests(server)
+        assert 4 <= server.max_in_flight <= 6
+    assert len(sent) < 15
+    check = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert check["kept"] == 20 and check["stages"]["bootstrap"]["requests"] == len(sent)

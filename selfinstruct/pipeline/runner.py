@@ -181,8 +181,7 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
     source is `satisfied()` are cancelled too (a slow teacher would otherwise finish answers nobody needs).
     """
     finished: asyncio.Queue[asyncio.Future[list[TeacherResponse]] | None] = asyncio.Queue()
-    pending: set[asyncio.Future[list[TeacherResponse]]] = set()
-    batches: dict[asyncio.Future[list[TeacherResponse]], list[TeacherRequest]] = {}
+    pending: dict[asyncio.Future[list[TeacherResponse]], list[TeacherRequest]] = {}  # call -> its requests
     # Requests sent and not yet counted by the teacher. Derived from the teacher's own count rather than from
     # the queue of finished calls: a call can be counted in `teacher.stats` a moment before its future reaches
     # the queue, and counting it twice would stop a `--max-requests` budget one request early.
@@ -201,8 +200,7 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
                     break
                 call = asyncio.ensure_future(teacher.generate(batch))
                 call.add_done_callback(finished.put_nowait)
-                pending.add(call)
-                batches[call] = batch
+                pending[call] = batch
                 sent += len(batch)
             if not pending:
                 return not stop.is_set()
@@ -212,13 +210,12 @@ async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.
             for call in done:
                 if call is None:
                     continue
-                pending.discard(call)
-                del batches[call]
+                del pending[call]
                 source.handle(call.result())  # a UserError (every endpoint failing) ends the run
             if stop.is_set():
                 return False
             if source.satisfied():
-                source.abandoned([r for call in pending for r in batches[call]])
+                source.abandoned([r for batch in pending.values() for r in batch])
                 return True
     finally:
         stop_waiter.cancel()

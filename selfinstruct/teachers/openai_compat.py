@@ -262,11 +262,15 @@ class OpenAITeacher(Teacher):
         return self._send_seeds
 
     async def _is_vllm(self, ep: _Endpoint) -> bool:
-        """vLLM's OpenAI server lists its models as `owned_by: "vllm"`; a server without `/models` is not it."""
-        try:
-            page = await ep.client.models.list(timeout=min(PROBE_TIMEOUT, self.cfg.timeout))
-        except (openai.OpenAIError, ValueError):
-            return False
+        """vLLM's OpenAI server lists its models as `owned_by: "vllm"`; a server without `/models` is not it.
+
+        Asked on a client of its own, so the check leaves no pooled connection behind in the endpoint's client.
+        """
+        async with openai.AsyncOpenAI(base_url=ep.url, api_key=ep.client.api_key, max_retries=0) as probe:
+            try:
+                page = await probe.models.list(timeout=min(PROBE_TIMEOUT, self.cfg.timeout))
+            except (openai.OpenAIError, ValueError):
+                return False
         return any(getattr(m, "owned_by", None) == "vllm" for m in page.data)
 
     async def _probe(self, ep: _Endpoint) -> str | None:

@@ -35,6 +35,8 @@ from selfinstruct.teachers.pricing import cost
 DEFAULT_CONCURRENCY = 256  # the engine batches whatever is in flight: give it plenty
 SHUTDOWN_GRACE_S = 2.0
 """Seconds the engine's processes get to exit after SIGTERM before they are killed (vLLM's default: 5)."""
+CLOSE_WAIT_S = 2.0
+"""Seconds `close()` waits for the engine thread to finish its step before it stops the engine itself."""
 
 
 @dataclass(eq=False)
@@ -59,6 +61,7 @@ class VLLMTeacher(Teacher):
         self._ready: concurrent.futures.Future[None] | None = None
         self._jobs: dict[str, _Job] = {}  # engine thread only: vLLM's request id -> job
         self._dead: str | None = None  # engine thread only: why the engine stopped answering
+        self._core: Any = None  # the engine's process client, to shut down (its shutdown runs once)
 
     @property
     def honours_per_request_seed(self) -> bool:
@@ -106,10 +109,17 @@ class VLLMTeacher(Teacher):
             raise UserError(f"vLLM could not load teacher model {c.model}: {first_line}") from exc
 
     async def close(self) -> None:
-        """Abort what is still running, stop the engine's processes and the engine thread."""
+        """Abort what is still running, stop the engine's processes and the engine thread.
+
+        The engine thread normally ends within a step. If it does not, it is waiting on an engine that died
+        without a word (its processes got the terminal's Ctrl-C too): stop the processes from here and leave
+        the (daemon) thread behind rather than make the user wait.
+        """
         if self._thread is not None:
             self._inbox.put(None)
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, CLOSE_WAIT_S)
+            if self._thread.is_alive() and self._core is not None:
+                await asyncio.to_thread(self._core.shutdown, SHUTDOWN_GRACE_S)
             self._thread = None
 
     # -- generation (event loop side) ----------------------------------------------------------------------
@@ -155,6 +165,7 @@ class VLLMTeacher(Teacher):
         assert self._ready is not None
         try:
             self._llm = self._build()
+            self._core = self._llm.llm_engine.engine_core
             self._chat_template = bool(getattr(self._llm.get_tokenizer(), "chat_template", None))
         except BaseException as exc:
             self._ready.set_exception(exc)
@@ -236,10 +247,9 @@ class VLLMTeacher(Teacher):
 
     def _drop_engine(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when logging has already shut down)."""
-        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
         self._llm = None
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown(timeout=SHUTDOWN_GRACE_S)
+        if self._core is not None:
+            self._core.shutdown(SHUTDOWN_GRACE_S)
         gc.collect()
 
     def _sampling_params(self, request: TeacherRequest) -> Any:
