@@ -154,13 +154,6 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
-# TEMP: replaced by models.py fixture at merge
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face directory."""
-    return Path(os.environ.get("SELFINSTRUCT_TEST_SMOLLM2", "/work/models/smollm2-135m-instruct"))
-
-
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real vLLM server on SmolLM2-135M-Instruct with the server's DEFAULT scheduling flags (chunked prefill
