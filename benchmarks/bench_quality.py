@@ -11,7 +11,8 @@ list-continuation prompts (`--api completions`, the reference's format and decod
 on held-out *seed* tasks (few-shot examples come from the other half of the seeds), so its labels can be
 compared with the seeds' own `is_classification`: accuracy, precision, recall, balanced accuracy, and the
 majority-label baseline. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
-characters, instance answers at 512 tokens, Alpaca answers (5 tasks) at 1024, a 10-minute request timeout (a slow CPU is not a failing server).
+characters, instance answers at 512 tokens, at most `--max-requests` (60) requests per run (a style the model
+cannot follow would otherwise run for hours on a CPU; the rates are measured on what it answered), Alpaca answers (5 tasks) at 1024, a 10-minute request timeout (a slow CPU is not a failing server).
 Per stage it reports the parse-valid rate (answers that yielded at least one readable item), the keep rate and
 rejection reasons, placeholder instructions kept ("first task", "...", "task 1"), instances per task, the share
 of instances and of tasks that survive the finetune filters, teacher tokens per kept instruction and per corpus
@@ -216,6 +217,12 @@ def main() -> int:
     parser.add_argument("--num-instructions", type=int, default=30)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=60,
+        help="cap per run (a style the model cannot follow stops here)",
+    )
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument(
         "--work", help="keep the run directories here (default: a temp dir); rerunning on it only re-measures"
@@ -236,7 +243,8 @@ def main() -> int:
         server = start_server(model_dir, port, work / "server.log")
         base_url, model = f"http://127.0.0.1:{port}/v1", "teacher"
     teacher = ["--base-url", base_url, "--model", model, "--concurrency", str(args.concurrency), "--timeout", "600",
-               "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5", "--alpaca-max-tokens", "1024"]  # fmt: skip
+               "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5", "--alpaca-max-tokens", "1024",
+               "--max-requests", str(args.max_requests)]  # fmt: skip
     n = str(args.num_instructions)
     results: dict[str, Any] = {"model": args.model, "num_instructions": args.num_instructions, "runs": {}}
     runs: dict[str, Path] = {}
