@@ -11,7 +11,7 @@ list-continuation prompts (`--api completions`, the reference's format and decod
 on held-out *seed* tasks (few-shot examples come from the other half of the seeds), so its labels can be
 compared with the seeds' own `is_classification`: accuracy, precision, recall, balanced accuracy, and the
 majority-label baseline. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
-characters, instance answers at 512 tokens, at most `--max-requests` (60) requests per run (a style the model
+characters, instance answers at 512 tokens, at most `--max-requests` (60) growth requests per run (a style the model
 cannot follow would otherwise run for hours on a CPU; the rates are measured on what it answered), Alpaca answers (5 tasks) at 1024, a 10-minute request timeout (a slow CPU is not a failing server).
 Per stage it reports the parse-valid rate (answers that yielded at least one readable item), the keep rate and
 rejection reasons, placeholder instructions kept ("first task", "...", "task 1"), instances per task, the share
@@ -243,8 +243,7 @@ def main() -> int:
         server = start_server(model_dir, port, work / "server.log")
         base_url, model = f"http://127.0.0.1:{port}/v1", "teacher"
     teacher = ["--base-url", base_url, "--model", model, "--concurrency", str(args.concurrency), "--timeout", "600",
-               "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5", "--alpaca-max-tokens", "1024",
-               "--max-requests", str(args.max_requests)]  # fmt: skip
+               "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5", "--alpaca-max-tokens", "1024"]  # fmt: skip
     n = str(args.num_instructions)
     results: dict[str, Any] = {"model": args.model, "num_instructions": args.num_instructions, "runs": {}}
     runs: dict[str, Path] = {}
@@ -255,7 +254,10 @@ def main() -> int:
                 name = f"{pipeline}/{style}"
                 run = work / name.replace("/", "-")
                 console.rule(name)
-                generate(run, seeds, teacher, "--pipeline", pipeline, "--num-instructions", n, *flags)
+                # the cap counts growth requests: Self-Instruct also spends two per kept instruction later
+                cap = args.max_requests + (2 * args.num_instructions if pipeline == "self-instruct" else 0)
+                generate(run, seeds, teacher, "--pipeline", pipeline, "--num-instructions", n,
+                         "--max-requests", str(cap), *flags)  # fmt: skip
                 runs[name] = run
                 results["runs"][name] = {
                     stage: growth_metrics(run, stage),
