@@ -31,6 +31,10 @@ COMMANDS: dict[str, Command] = {
         "Grow an instruction corpus from seed tasks with a teacher LLM (Self-Instruct or Alpaca pipeline).",
         "selfinstruct.generate:GenerateConfig:run_generate",
     ),
+    "magpie": Command(
+        "Synthesize instructions without seeds: an aligned chat model writes the queries itself (Magpie).",
+        "selfinstruct.magpie:MagpieConfig:run_magpie",
+    ),
     "filter": Command(
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",

@@ -109,6 +109,28 @@ class StartsWithNonAscii:
         return "starts_with_non_ascii" if stripped and not stripped[0].isascii() else None
 
 
+@dataclass(frozen=True)
+class Repetitive:
+    """Reject a text that loops on itself: more than `max_share` of its word n-grams repeat an earlier one.
+
+    Not a reference rule: small teachers decoding greedily fall into loops ("I love to dream. I love to
+    dream. ..."), which no other rule catches. Texts shorter than `min_words` are never judged (a short list
+    may repeat a word legitimately)."""
+
+    n: int = 3
+    max_share: float = 0.5
+    min_words: int = 12
+    name: str = field(default="repetitive", init=False)
+
+    def __call__(self, text: str) -> str | None:
+        words = text.casefold().split()
+        if len(words) < self.min_words:
+            return None
+        grams = [tuple(words[i : i + self.n]) for i in range(len(words) - self.n + 1)]
+        repeated = 1 - len(set(grams)) / len(grams)
+        return "repetitive" if repeated > self.max_share else None
+
+
 def normalize(text: str) -> str:
     """The form in which two instructions count as the same: case-folded, whitespace collapsed."""
     return " ".join(text.casefold().split())
