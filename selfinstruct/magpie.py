@@ -207,23 +207,34 @@ def load_system_prompts(path: str) -> list[str]:
 
 
 class ChatFormat:
-    """Prompts for both stages: the pre-query per system prompt, and the answer prompt for a query."""
+    """The prompts of both stages: the pre-query per system prompt, and the answer prompt for a query.
+
+    Both are sent as raw text, which the engine or endpoint tokenizes with special tokens added. A tokenizer
+    that adds BOS itself (Llama 3) would then give the model two, since the template writes one too, so a
+    leading BOS is dropped from the text sent, as vLLM's own chat endpoint does.
+    """
 
     def __init__(self, tokenizer: Any, pre_query: str):
         self.tokenizer = tokenizer
         self.explicit = None if pre_query == "auto" else unescape(pre_query)
         self.stops = end_of_turn(tokenizer)
+        bos = tokenizer.bos_token
+        doubled = bos and tokenizer(bos).input_ids == [tokenizer.bos_token_id] * 2
+        self.bos = bos if doubled else None
         self._pre: dict[str | None, str] = {}
 
+    def _sent(self, text: str) -> str:
+        return text[len(self.bos) :] if self.bos and text.startswith(self.bos) else text
+
     def pre_query(self, system: str | None) -> str:
-        if self.explicit is not None:
-            return self.explicit
+        """The text sent to have the model write a query (under `system`, if any)."""
         if system not in self._pre:
-            self._pre[system] = render_pre_query(self.tokenizer, system)
+            text = self.explicit if self.explicit is not None else render_pre_query(self.tokenizer, system)
+            self._pre[system] = self._sent(text)
         return self._pre[system]
 
     def answer_prompt(self, system: str | None, query: str) -> str:
-        return _render(self.tokenizer, _messages(system, query), generation_prompt=True)
+        return self._sent(_render(self.tokenizer, _messages(system, query), generation_prompt=True))
 
 
 # ---------------------------------------------------------------- the two stages

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from selfinstruct.errors import InputFileError, UserError
-from selfinstruct.magpie import MagpieConfig, end_of_turn, load_tokenizer, render_pre_query, run_magpie
+from selfinstruct.magpie import (
+    ChatFormat,
+    MagpieConfig,
+    end_of_turn,
+    load_tokenizer,
+    render_pre_query,
+    run_magpie,
+)
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply
@@ -66,6 +73,29 @@ def test_pre_query_llama3():
         "<|start_header_id|>user<|end_header_id|>\n\n"
     )
     assert end_of_turn(tok) == ["<|eot_id|>", "<|end_of_text|>"]
+
+
+def test_no_double_bos_for_tokenizers_that_add_it():
+    """Llama 3's tokenizer adds BOS itself: the text sent drops the template's, so the model sees one."""
+    from tokenizers.processors import TemplateProcessing
+
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    tok = _tokenizer(LLAMA3, specials, "<|begin_of_text|>", "<|end_of_text|>")
+    bos_id = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)]
+    )
+    fmt = ChatFormat(tok, "auto")
+    assert fmt.pre_query(None) == "<|start_header_id|>user<|end_header_id|>\n\n"
+    assert tok(fmt.pre_query(None)).input_ids.count(bos_id) == 1
+    assert fmt.answer_prompt(None, "hello").startswith("<|start_header_id|>user")
+    assert ChatFormat(chatml_tokenizer(), "auto").pre_query(None) == "<|im_start|>user\n"  # nothing to drop
 
 
 def test_pre_query_smollm2_keeps_its_default_system_turn(smollm2_dir: Path):
