@@ -6,7 +6,7 @@ answered by the same model with the query as the user turn. No seed tasks and no
 so the task distribution is whatever the model habitually writes about; steering system prompts
 (`--system-prompt`) and the novelty filter are what keep it varied.
 
-Two stages run over one run directory, both resumable from its append-only files:
+The stages run over one run directory, all resumable from its append-only files:
 
 * `query`: raw prompts (the pre-query, n samples each at temperature 1.0 / top_p 1.0, stopped at the model's
   end-of-turn token). A sample cut off by max_tokens is discarded; the rest go through the repetition check,
@@ -15,6 +15,8 @@ Two stages run over one run directory, both resumable from its append-only files
 * `answer`: one raw prompt per kept query (the chat template rendered with the same system prompt and the
   query as the user turn, generation prompt added); answers go to `answers.jsonl` keyed by instruction id.
   An empty, cut-off or looping answer is recorded as rejected and leaves its query out of the corpus.
+
+* `followup` (only with `--turns` > 1): further exchanges of each answered conversation (`FollowUps`).
 
 `corpus.jsonl` (Alpaca fields, `meta.source = "magpie"`) is rebuilt from those files at the end of each session.
 
@@ -53,6 +55,7 @@ from selfinstruct.pipeline import (
     RunContext,
     StageStats,
     read_keyed,
+    run_stage,
 )
 from selfinstruct.pipeline.bootstrap import Candidate, Growing, Keeper, prompt_hash
 from selfinstruct.pipeline.runner import Budget, Journal
@@ -63,10 +66,11 @@ from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, Totals
 
 ANSWERS = "answers.jsonl"
+FOLLOWUPS = "turns.jsonl"
 STATE = "state.json"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
-STAGES = ("query", "answer")
+STAGES = ("query", "answer", "followup")
 SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0
 SENTINEL = "\x00magpie-query\x00"
@@ -89,7 +93,9 @@ class MagpieConfig(Section):
         None,
         description="file of steering system prompts (one per line, or a JSON list), one sampled per request",
     )
-    turns: int = Field(1, ge=1, le=1, description="user/assistant turns per conversation (only 1 so far)")
+    turns: int = Field(
+        1, ge=1, description="user/assistant turns per conversation (more than 1 needs --pre-query auto)"
+    )
     queries_per_request: int = Field(
         8, ge=1, description="queries sampled per prompt (n; reference up to 200)"
     )
@@ -234,7 +240,18 @@ class ChatFormat:
         return self._pre[system]
 
     def answer_prompt(self, system: str | None, query: str) -> str:
-        return self._sent(_render(self.tokenizer, _messages(system, query), generation_prompt=True))
+        return self.reply_prompt(_messages(system, query))
+
+    def reply_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation so far, ending with a user turn, rendered for the assistant to answer."""
+        return self._sent(_render(self.tokenizer, messages, generation_prompt=True))
+
+    def next_query_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation so far, ending with an assistant turn, rendered up to the next user message."""
+        text = _render(
+            self.tokenizer, [*messages, {"role": "user", "content": SENTINEL}], generation_prompt=False
+        )
+        return self._sent(text.split(SENTINEL, 1)[0])
 
 
 # ---------------------------------------------------------------- the two stages
@@ -323,9 +340,115 @@ class Answers(PerInstruction):
         return {"id": rec_id, "output": None if reason else text, "rejected": reason}
 
 
+class FollowUps:
+    """Turns 2..`turns` of every conversation whose first answer was accepted: the model writes the user's next
+    message from the conversation so far rendered up to the next user turn, then answers it.
+
+    Each step is one request and is appended to `turns.jsonl` as `{id, turn, role, content}` when it is done,
+    so a resumed run rebuilds every conversation from the files and continues with its next step. Follow-up
+    queries pass the truncation, emptiness and repetition checks (the novelty filter is for first queries); a
+    step that fails them is recorded with its reason and ends that conversation.
+    """
+
+    stage = "followup"
+
+    def __init__(self, ctx: RunContext, fmt: ChatFormat):
+        self.ctx, self.fmt = ctx, fmt
+        self.repetitive = Repetitive()
+        answers = read_keyed(ctx.run, ANSWERS)
+        self.conversations: dict[str, list[dict[str, str]]] = {}
+        for rec_id, rec in read_keyed(ctx.run, INSTRUCTIONS).items():
+            output = answers.get(rec_id, {}).get("output")
+            if output:
+                self.conversations[rec_id] = [
+                    *_messages(rec["meta"].get("system_prompt"), rec["instruction"]),
+                    {"role": "assistant", "content": output},
+                ]
+        self.ended: set[str] = set()
+        for step in read_jsonl(ctx.run / FOLLOWUPS):
+            if step.get("rejected"):
+                self.ended.add(step["id"])
+            elif step["id"] in self.conversations:
+                self.conversations[step["id"]].append({"role": step["role"], "content": step["content"]})
+        self.busy: set[str] = set()
+        stats = ctx.stats[self.stage]
+        stats.total = len(self.conversations) * (ctx.cfg.turns - 1)
+        stats.done = sum(self._turns(c) - 1 for c in self.conversations.values())
+
+    @staticmethod
+    def _turns(messages: list[dict[str, str]]) -> int:
+        """Complete user/assistant exchanges."""
+        return sum(1 for m in messages if m["role"] == "assistant")
+
+    def _ready(self) -> list[str]:
+        return [
+            i
+            for i, c in self.conversations.items()
+            if i not in self.busy and i not in self.ended and self._turns(c) < self.ctx.cfg.turns
+        ]
+
+    def next_call(self, in_flight: int) -> list[TeacherRequest] | None:
+        ready = self._ready()[: self.ctx.can_send(in_flight)]
+        batch = []
+        for rec_id in ready:
+            messages = self.conversations[rec_id]
+            if messages[-1]["role"] == "assistant":
+                prompt = self.fmt.next_query_prompt(messages)
+                sampling = self.ctx.sampling("followup_query", (rec_id, len(messages)), stop=self.fmt.stops)
+            else:
+                prompt = self.fmt.reply_prompt(messages)
+                sampling = self.ctx.sampling("answer", (rec_id, len(messages)))
+            self.busy.add(rec_id)
+            batch.append(TeacherRequest(prompt=prompt, sampling=sampling, tag=rec_id))
+        return batch or None
+
+    def handle(self, responses: list[TeacherResponse]) -> None:
+        steps = []
+        for response in responses:
+            rec_id = response.request.tag
+            self.busy.discard(rec_id)
+            if not self.ctx.accept(self.stage, response):
+                continue  # tried again on the next call
+            messages = self.conversations[rec_id]
+            role = "user" if messages[-1]["role"] == "assistant" else "assistant"
+            choice = response.choices[0] if response.choices else None
+            text = choice.text.strip() if choice else ""
+            turn = self._turns(messages) + 1
+            reason = None
+            if not text:
+                reason = "empty_" + role
+            elif choice is not None and choice.finish_reason == "length":
+                reason = "truncated_" + role
+            elif self.repetitive(text):
+                reason = "repetitive_" + role
+            if reason is not None:
+                self.ended.add(rec_id)
+                steps.append({"id": rec_id, "turn": turn, "role": role, "content": text, "rejected": reason})
+                self.ctx.journal.append(
+                    REJECTED, [self.ctx.reject_record(self.stage, text[:2000], reason, turn, id=rec_id)]
+                )
+                continue
+            messages.append({"role": role, "content": text})
+            steps.append({"id": rec_id, "turn": turn, "role": role, "content": text, "rejected": None})
+            if role == "assistant":
+                self.ctx.stats[self.stage].done += 1
+        self.ctx.journal.append(FOLLOWUPS, steps)
+        self.ctx.on_tick(self.stage)
+
+    async def run(self) -> None:
+        await run_stage(self.ctx, self.stage, self)
+        self.ctx.stats[self.stage].finished = not self._ready()
+
+
 def write_corpus(run: RunDir) -> int:
-    """Rebuild corpus.jsonl from the kept queries and their accepted answers; returns the record count."""
+    """Rebuild corpus.jsonl from the kept queries and their accepted answers; returns the record count.
+
+    The Alpaca fields hold the first exchange; with `--turns` > 1 `meta.conversation` holds the whole one."""
     answers = read_keyed(run, ANSWERS)
+    later: dict[str, list[dict[str, str]]] = {}
+    for step in read_jsonl(run / FOLLOWUPS):
+        if not step.get("rejected"):
+            later.setdefault(step["id"], []).append({"role": step["role"], "content": step["content"]})
     records = []
     for rec_id, rec in read_keyed(run, INSTRUCTIONS).items():
         output = answers.get(rec_id, {}).get("output")
@@ -337,6 +460,13 @@ def write_corpus(run: RunDir) -> int:
                 "system_prompt": rec["meta"].get("system_prompt"),
                 "teacher_model": rec["meta"].get("teacher_model"),
             }
+            if rec_id in later:  # the whole conversation; a trailing unanswered user turn is left out
+                turns = later[rec_id][: len(later[rec_id]) // 2 * 2]
+                first = [
+                    {"role": "user", "content": rec["instruction"]},
+                    {"role": "assistant", "content": output},
+                ]
+                meta["conversation"] = first + turns
             records.append(CorpusRecord(rec["instruction"], "", output, meta))
     text = "".join(json.dumps(r.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
     atomic_write_text(run / CORPUS, text)
@@ -470,6 +600,9 @@ class Monitor:
         )
         answer = summary["stages"]["answer"]
         line(f"  answered      {answer['done']} / {answer['total']}")
+        if self.ctx.cfg.turns > 1:
+            more = summary["stages"]["followup"]
+            line(f"  later turns   {more['done']} / {more['total']}")
         if summary["rejected_by_reason"]:
             line("  rejected      " + ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items()))
         line(
@@ -478,7 +611,7 @@ class Monitor:
             f"{summary['elapsed_s']:.1f} s"
         )
         line(f"  corpus        {summary['corpus_records']} records")
-        for name in (INSTRUCTIONS, ANSWERS, REJECTED, CORPUS, SUMMARY):
+        for name in (INSTRUCTIONS, ANSWERS, FOLLOWUPS, REJECTED, CORPUS, SUMMARY):
             if (run / name).exists():
                 line(f"  {name:<20} {run / name}")
         if not summary["finished"]:
@@ -494,6 +627,8 @@ def _check(cfg: MagpieConfig) -> None:
             "magpie sends raw prompts, which a chat endpoint does not take: use --api completions "
             "(a /v1/completions endpoint) or --teacher vllm"
         )
+    if cfg.turns > 1 and cfg.pre_query != "auto":
+        raise UserError("--turns > 1 needs --pre-query auto (later user turns start where the template says)")
     if cfg.system_prompt and cfg.pre_query != "auto":
         raise UserError(
             "--system-prompt needs --pre-query auto (the system turn is rendered by the chat template)"
@@ -520,7 +655,7 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
         save_config("magpie", cfg, run / CONFIG)
         own_teacher = teacher is None
         the_teacher = teacher or make_teacher(cfg.teacher)
-        journal = Journal(run, (INSTRUCTIONS, REJECTED, ANSWERS))
+        journal = Journal(run, (INSTRUCTIONS, REJECTED, ANSWERS, FOLLOWUPS))
         stats = _initial_stats(run)
         ctx = RunContext(
             cfg=cfg,  # type: ignore[arg-type]  # the fields RunContext and the stages read exist here too
@@ -545,6 +680,11 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
                     "max_tokens": cfg.query_max_tokens,
                 },
                 "answer": {"temperature": cfg.answer_temperature, "max_tokens": cfg.answer_max_tokens},
+                "followup_query": {  # one next message per conversation
+                    "temperature": cfg.query_temperature,
+                    "top_p": cfg.query_top_p,
+                    "max_tokens": cfg.query_max_tokens,
+                },
             },
             stats=stats,
         )
@@ -607,6 +747,15 @@ async def _session(
             answers = Answers(ctx, fmt)
             ctx.cfg = cfg.model_copy(update={"request_batch": _round_size(ctx, "answer", len(answers.todo))})
             await answers.run()
+        if ctx.stop_reason is None and cfg.turns > 1:
+            await ctx.journal.aflush()
+            followups = FollowUps(ctx, fmt)
+            ctx.cfg = cfg.model_copy(
+                update={"request_batch": _round_size(ctx, "answer", len(followups.conversations))}
+            )
+            await followups.run()
+        if cfg.turns == 1:
+            ctx.stats["followup"].finished = True  # nothing to do
         ctx.on_tick("answer")
     finally:
         ctx.cfg = cfg

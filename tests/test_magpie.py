@@ -272,3 +272,31 @@ def test_real_model_writes_kept_instructions(tmp_path: Path, smollm2_dir: Path):
     assert corpus and all(c["output"].strip() and c["meta"]["source"] == "magpie" for c in corpus)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["finished"] and summary["kept"] == 20
+
+
+def test_turns_continue_each_conversation(tmp_path: Path, chatml_dir: Path):
+    """With --turns 3 every answered query gets two more exchanges; the next user message is sampled from the
+    conversation so far rendered up to the next user turn. A rerun with nothing left to do sends nothing."""
+    with FakeOpenAI(MagpieResponder()) as server:
+        assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=4, turns=3, concurrency=2)) == 0
+        prompts = [
+            r.json["prompt"] for r in server.completions("/v1/completions") if r.json["max_tokens"] > 1
+        ]
+        corpus = list(read_jsonl(tmp_path / "corpus.jsonl"))
+        assert len(corpus) == 4
+        for rec in corpus:
+            conv = rec["meta"]["conversation"]
+            assert [m["role"] for m in conv] == ["user", "assistant"] * 3
+            assert conv[0] == {"role": "user", "content": rec["instruction"]}
+            history = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv[:4])
+            assert history + "<|im_start|>user\n" in prompts  # the third query's prompt
+            assert (
+                history + f"<|im_start|>user\n{conv[4]['content']}<|im_end|>\n<|im_start|>assistant\n"
+                in prompts
+            )
+        assert len(list(read_jsonl(tmp_path / "turns.jsonl"))) == 4 * 4
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["finished"] and summary["stages"]["followup"]["done"] == 8
+        before = len(server.completions())
+        assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=4, turns=3)) == 0
+        assert all(r.json["max_tokens"] == 1 for r in server.completions()[before:])
