@@ -15,7 +15,6 @@ The stages run over one run directory, all resumable from its append-only files:
 * `answer`: one raw prompt per kept query (the chat template rendered with the same system prompt and the
   query as the user turn, generation prompt added); answers go to `answers.jsonl` keyed by instruction id.
   An empty, cut-off or looping answer is recorded as rejected and leaves its query out of the corpus.
-
 * `followup` (only with `--turns` > 1): further exchanges of each answered conversation (`FollowUps`).
 
 `corpus.jsonl` (Alpaca fields, `meta.source = "magpie"`) is rebuilt from those files at the end of each session.
@@ -254,7 +253,7 @@ class ChatFormat:
         return self._sent(text.split(SENTINEL, 1)[0])
 
 
-# ---------------------------------------------------------------- the two stages
+# ---------------------------------------------------------------- the stages
 
 
 class Queries(Growing):
