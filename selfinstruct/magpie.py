@@ -273,6 +273,11 @@ class Queries(Growing):
         stats = ctx.stats[self.stage]
         stats.total, stats.done = self.target, self.keeper.count
 
+    @property
+    def asked_per_prompt(self) -> int:
+        """Queries one prompt asks for (what a growing stage paces its requests by)."""
+        return self.ctx.cfg.queries_per_request
+
     def request(self, round_: int, k: int) -> TeacherRequest:
         system = self.rng.choice(self.systems)
         prompt = self.fmt.pre_query(system)
@@ -433,6 +438,13 @@ class FollowUps:
                 self.ctx.stats[self.stage].done += 1
         self.ctx.journal.append(FOLLOWUPS, steps)
         self.ctx.on_tick(self.stage)
+
+    def satisfied(self) -> bool:
+        """Never before every conversation is done: each answer in flight is a step some conversation needs."""
+        return False
+
+    def abandoned(self, requests: list[TeacherRequest]) -> None:
+        self.ctx.stats[self.stage].requests += len(requests)
 
     async def run(self) -> None:
         await run_stage(self.ctx, self.stage, self)
@@ -703,15 +715,15 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
 
 
 def _round_size(ctx: RunContext, stage: str, todo: int) -> int | None:
-    """Requests per call: HTTP sends each on its own; the vLLM engine gets one round sized to the work left
-    (twice the queries still needed, as a first guess of the keep rate; every unanswered query), never more
-    than its concurrency."""
-    cfg = ctx.cfg
-    if cfg.request_batch is not None or cfg.teacher.backend != "vllm":
-        return cfg.request_batch
+    """`--request-batch`, or for a teacher that takes whole rounds per call (`ctx.request_batch` > 1) a round
+    sized to the work left instead of a full one: twice the queries still needed (a first guess of the keep
+    rate), or every item left to answer."""
+    batch = ctx.request_batch
+    if ctx.cfg.request_batch is not None or batch == 1:
+        return ctx.cfg.request_batch
     if stage == "query":
-        todo = math.ceil(2 * todo / cfg.queries_per_request)
-    return max(1, min(ctx.teacher.concurrency, todo))
+        todo = math.ceil(2 * todo / ctx.cfg.queries_per_request)
+    return max(1, min(batch, todo))
 
 
 async def _session(
