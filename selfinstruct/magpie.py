@@ -666,7 +666,7 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
         save_config("magpie", cfg, run / CONFIG)
         own_teacher = teacher is None
         the_teacher = teacher or make_teacher(cfg.teacher)
-        journal = Journal(run, (INSTRUCTIONS, REJECTED, ANSWERS, FOLLOWUPS))
+        journal = Journal(run, (INSTRUCTIONS, REJECTED, ANSWERS) + ((FOLLOWUPS,) if cfg.turns > 1 else ()))
         stats = _initial_stats(run)
         ctx = RunContext(
             cfg=cfg,  # type: ignore[arg-type]  # the fields RunContext and the stages read exist here too
