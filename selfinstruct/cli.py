@@ -35,6 +35,10 @@ COMMANDS: dict[str, Command] = {
         "Evol-Instruct (WizardLM): rewrite a corpus into harder and new tasks over rounds, eliminating failures.",
         "selfinstruct.evolve:EvolveConfig:run_evolve",
     ),
+    "magpie": Command(
+        "Synthesize instructions without seeds: an aligned chat model writes the queries itself (Magpie).",
+        "selfinstruct.magpie:MagpieConfig:run_magpie",
+    ),
     "filter": Command(
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",

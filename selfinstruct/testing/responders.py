@@ -501,3 +501,22 @@ class EvolveResponder:
         if "[stop]" in prompt:
             return "It is what it is, and that is that."
         return " ".join(_sentence(rng) for _ in range(rng.randint(2, 4)))
+
+
+class MagpieResponder:
+    """Callable for `FakeOpenAI(responder=...)` that plays an aligned chat model behind `/v1/completions`.
+
+    A prompt that ends where a user turn starts (ChatML `<|im_start|>user\\n`) gets `n` queries from the
+    instruction grammar; a prompt that ends with the assistant's turn gets an answer that names its query.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def __call__(self, request: dict[str, Any]) -> str | list[str]:
+        prompt = request.get("prompt", "")
+        rng = random.Random(hashlib.sha256(f"{self.seed}:{request.get('seed')}:{prompt}".encode()).digest())
+        if prompt.endswith("<|im_start|>user\n"):
+            return [instruction(rng) for _ in range(int(request.get("n") or 1))]
+        query = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+        return f"Here is my answer to '{query}': {_sentence(rng)}"
