@@ -49,7 +49,7 @@ from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor, open_state
 from selfinstruct.parsing import _clean_input, _json_values, _object, _text, _unfence, collapse, parse_yes_no
 from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.bootstrap import RAW_TEXT_LIMIT
-from selfinstruct.pipeline.runner import Budget, Journal
+from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_alpaca, load_corpus_any
@@ -353,7 +353,7 @@ def _round_label(round_: int) -> str:
     return f"round {round_}"
 
 
-class Evolver:
+class Evolver(NeedsEveryAnswer):
     """The `drive` source: schedules attempts (unfinished ones first, then lower rounds), judges the answers."""
 
     def __init__(

@@ -55,6 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from selfinstruct.config import Section, optional
 from selfinstruct.dedup import SemanticIndex, known_fields, record_text
 from selfinstruct.errors import UserError
+from selfinstruct.pipeline.runner import NeedsEveryAnswer
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_rows
 from selfinstruct.store import JsonlWriter, RunDir, atomic_write_json, atomic_write_text, read_jsonl
@@ -319,7 +320,7 @@ def parse_rating(scorer: str, text: str) -> dict[str, float] | None:
     return values
 
 
-class _Rater:
+class _Rater(NeedsEveryAnswer):
     """A `drive` call source: one rating request per record without a score yet."""
 
     def __init__(self, scorer: str, todo: dict[str, CorpusRecord], teacher: Any, template: Any, cfg, budget):

@@ -172,6 +172,16 @@ class CallSource(Protocol):
         """Requests sent and then given up because the source was satisfied (they count as sent)."""
 
 
+class NeedsEveryAnswer:
+    """For a `CallSource` that is never done early: every answer it asked for is used."""
+
+    def satisfied(self) -> bool:
+        return False
+
+    def abandoned(self, requests: list[TeacherRequest]) -> None:
+        """Never called: a source that is never satisfied abandons nothing."""
+
+
 async def drive(teacher: Teacher, source: CallSource, slots: int, stop: asyncio.Event) -> bool:
     """Keep up to `slots` calls in flight until the source has nothing more to send and all calls returned.
 
