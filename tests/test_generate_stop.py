@@ -41,7 +41,7 @@ def test_signal_stops_an_in_process_vllm_run_quickly(tiny_model_dir, tmp_path, s
         "--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-model-len", "2048",
         "--engine-args", '{"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": true}}',
         # a target it never reaches and long answers: requests are always in flight when the signal comes
-        "--num-instructions", "100000", "--bootstrap-max-tokens", "512", "--concurrency", "32",
+        "--num-instructions", "100000", "--bootstrap-max-tokens", "128", "--concurrency", "8",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = tmp_path / "generate.log"
