@@ -1,6 +1,6 @@
 """Both pipelines against the real in-process vLLM engine (tiny random model) with structured output.
 
-The model writes nonsense, but every stage must run on it end to end: requests go out in whole rounds, JSON
+The model writes nonsense, but every stage must run on it end to end: requests go out in calls of 16, JSON
 answers are parsed, filters judge the candidates, and a corpus comes out (possibly tiny).
 """
 

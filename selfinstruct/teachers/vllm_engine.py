@@ -33,9 +33,9 @@ from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
 
 DEFAULT_CONCURRENCY = 256  # the engine batches whatever is in flight: give it plenty
-SHUTDOWN_GRACE_S = 2.0
+SHUTDOWN_GRACE_S = 1.0
 """Seconds the engine's processes get to exit after SIGTERM before they are killed (vLLM's default: 5)."""
-CLOSE_WAIT_S = 2.0
+CLOSE_WAIT_S = 0.5
 """Seconds `close()` waits for the engine thread to finish its step before it stops the engine itself."""
 
 
