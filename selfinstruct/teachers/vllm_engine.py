@@ -48,6 +48,28 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+def _children() -> dict[int, Any]:
+    """This process's descendants by pid (psutil handles: they remember their start time, so a reused pid is
+    never mistaken for the process it was)."""
+    import psutil  # a dependency of vLLM
+
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def _reap(procs: list[Any], grace: float) -> None:
+    """Terminate, then kill, those of `procs` still running."""
+    import psutil
+
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()  # psutil checks that it is still the same process first
+            alive.append(proc)
+    for proc in psutil.wait_procs(alive, timeout=grace)[1]:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
 class VLLMTeacher(Teacher):
     in_process = True
 
@@ -55,6 +77,7 @@ class VLLMTeacher(Teacher):
         super().__init__(cfg, DEFAULT_CONCURRENCY)
         self._llm: Any = None
         self._model_path = self.model  # what vLLM loads: `model` resolved by `selfinstruct.models`
+        self._engine_procs: list[Any] = []  # the processes building the engine started (and only those)
         self._chat_template = False
         self._inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -121,6 +144,9 @@ class VLLMTeacher(Teacher):
             if self._thread.is_alive() and self._core is not None:
                 await asyncio.to_thread(self._core.shutdown, SHUTDOWN_GRACE_S)
             self._thread = None
+            # A Ctrl-C to the terminal's process group reaches the engine's processes too and can leave one
+            # half-stopped: whatever the engine started and is still running goes now (and nothing else).
+            await asyncio.to_thread(_reap, self._engine_procs, SHUTDOWN_GRACE_S)
 
     # -- generation (event loop side) ----------------------------------------------------------------------
     async def generate(self, requests: Sequence[TeacherRequest]) -> list[TeacherResponse]:
@@ -164,7 +190,9 @@ class VLLMTeacher(Teacher):
         """Build the engine, then add / abort / step until `close()`; shut the engine down on the way out."""
         assert self._ready is not None
         try:
+            before = _children()
             self._llm = self._build()
+            self._engine_procs = [p for pid, p in _children().items() if pid not in before]
             self._core = self._llm.llm_engine.engine_core
             self._chat_template = bool(getattr(self._llm.get_tokenizer(), "chat_template", None))
         except BaseException as exc:
