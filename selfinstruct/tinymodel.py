@@ -48,7 +48,7 @@ def build_tiny_model(
     num_heads: int = 2,
     num_kv_heads: int = 1,
     intermediate_size: int = 256,
-    max_position_embeddings: int = 2048,
+    max_position_embeddings: int = 4096,
     seed: int = 0,
     eos_token: str = "<|im_end|>",
 ) -> Path:

@@ -22,7 +22,7 @@ def tiny_vllm_config(model_dir: str | Path, **overrides: Any) -> TeacherConfig:
         "dtype": "float32",
         "gpu_memory_utilization": 0.1,
         "enforce_eager": True,
-        "max_model_len": 2048,
+        "max_model_len": 4096,
         # compact JSON under a schema: a random-weight model otherwise emits whitespace until max_tokens
         "engine_args": {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}},
     }
