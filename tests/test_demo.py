@@ -31,7 +31,7 @@ def test_demo_runs_the_whole_loop_offline(tmp_path, smollm2_dir):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1700,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"({smollm2_dir})" in " ".join(proc.stdout.split())  # the one conversion of the session, reused
+    assert f"({smollm2_dir})" in "".join(proc.stdout.split())  # the one conversion of the session, reused
 
     run = out / "run"
     summary = json.loads((run / "summary.json").read_text())

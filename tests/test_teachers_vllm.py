@@ -78,7 +78,7 @@ def test_in_process_seed_and_stop_map_to_vllm(vllm_teacher) -> None:
 
 
 def test_in_process_rejected_prompt_fails_alone(vllm_teacher) -> None:
-    too_long = TeacherRequest(prompt="word " * 3000, sampling=Sampling(max_tokens=4))
+    too_long = TeacherRequest(prompt="word " * 6000, sampling=Sampling(max_tokens=4))
     ok = TeacherRequest(prompt="Hello", sampling=Sampling(max_tokens=4))
     failed_before = vllm_teacher.stats.failed_requests
     bad, good = asyncio.run(vllm_teacher.generate([too_long, ok]))
