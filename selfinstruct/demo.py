@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]selfinstruct demo[/] -> {work}")
 
     name, model = _choose_model()
-    console.print(f"teacher and student: {name} ({model})", markup=False, soft_wrap=True)  # paths never folded
+    console.print(
+        f"teacher and student: {name} ({model})", markup=False, soft_wrap=True
+    )  # paths never folded
     engine = ["--teacher", "vllm", "--max-model-len", "4096",
               # compact JSON: a small model otherwise pads structured output with whitespace
               "--engine-args", '{"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": true}}']  # fmt: skip
