@@ -58,13 +58,18 @@ def task_of(record: CorpusRecord) -> str:
 
 
 def load_records(path: str, what: str) -> list[CorpusRecord]:
-    """Alpaca records (with `meta`) from a file or a run directory's corpus.jsonl."""
+    """Single-exchange records (with `meta`) from any corpus `selfinstruct.corpus` reads; a chat record's
+    first user turn is its instruction."""
     from selfinstruct.train import load_corpus
 
     _, records = load_corpus(path)
-    if records and isinstance(records[0], dict):
-        raise UserError(f"{path}: {what} needs Alpaca records (instruction/input/output), not chat messages")
-    return records  # type: ignore[return-value]
+    several = sum(r.turns > 1 for r in records)
+    if several:
+        raise UserError(
+            f"{path}: {what} scores one instruction and its answer; {several} records are conversations with "
+            "several turns"
+        )
+    return records
 
 
 def _write_jsonl(path: Path, records: Iterable[CorpusRecord]) -> None:

@@ -28,28 +28,31 @@ from typing import Any, Literal
 from pydantic import Field
 
 from selfinstruct.config import Section, load_toml, redact
+from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_alpaca
 from selfinstruct.store import atomic_path, atomic_write_text
 
-Format = Literal["alpaca", "alpaca-json", "messages", "sharegpt", "parquet"]
+Format = Literal["alpaca", "alpaca-json", "messages", "sharegpt", "tulu", "parquet"]
 
 DEFAULT_FILE: dict[str, str] = {
     "alpaca": "alpaca.jsonl",
     "alpaca-json": "alpaca.json",
     "messages": "messages.jsonl",
     "sharegpt": "sharegpt.jsonl",
+    "tulu": "tulu.jsonl",
     "parquet": "alpaca.parquet",
 }
-CHAT_FORMATS = ("messages", "sharegpt")
+CHAT_FORMATS = ("messages", "sharegpt", "tulu")
+SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
 class ExportConfig(Section):
     source: str = Field(
         "",
-        description="run directory (its corpus.jsonl is exported) or an Alpaca JSON/JSONL corpus file",
+        description="run directory (its corpus.jsonl is exported) or a corpus file (Alpaca, seed, chat JSONL "
+        "with any number of turns, Parquet)",
         json_schema_extra={"positional": True},
     )
     format: Format = Field("alpaca", description="output format")
@@ -65,7 +68,7 @@ class ExportConfig(Section):
         False, description="keep each record's `meta` provenance (a JSON string column in Parquet)"
     )
     system: str | None = Field(
-        None, description="system prompt put before every conversation (messages and sharegpt only)"
+        None, description="system prompt put before every conversation without one (messages, sharegpt, tulu)"
     )
     card: bool = Field(True, description="write a dataset card README.md next to the export")
     name: str | None = Field(None, description="dataset name in the card (default: the run or corpus name)")
@@ -110,7 +113,7 @@ def load_source(path: str | Path) -> Source:
         name, default_dir, is_run = p.stem, p.parent / f"{p.stem}-export", False
     else:
         raise UserError(f"{p}: no such run directory or corpus file")
-    records = load_alpaca(corpus)
+    records = load_corpus_any(corpus)
     fingerprint = hashlib.sha256(corpus.read_bytes()).hexdigest()[:16]
     return Source(name, corpus, records, fingerprint, default_dir, is_run, summary, config)
 
@@ -128,22 +131,36 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- records -> rows
 
 
-def to_row(record: CorpusRecord, fmt: str, *, system: str | None = None, keep_meta: bool = False) -> dict:
-    """One output row of `fmt` (`parquet` rows are the Alpaca rows, with `meta` as a JSON string)."""
+def to_row(
+    record: CorpusRecord,
+    fmt: str,
+    *,
+    system: str | None = None,
+    keep_meta: bool = False,
+    conversations: bool = False,
+    key: str = "",
+    source: str = "",
+) -> dict:
+    """One output row of `fmt` (`parquet` rows are the Alpaca rows, with `meta` as a JSON string).
+
+    `messages` rows are TRL's prompt/completion pairs, or with `conversations` (a corpus with several-turn
+    records) whole `messages` lists, which TRL trains on every assistant turn of. `tulu` rows are Tulu 3's
+    `{id, messages, source}`: `key` and `source` stand in for a record without `meta.id` / `meta.source`.
+    """
+    chat = record.conversation()
+    if system and chat[0]["role"] != "system":
+        chat.insert(0, {"role": "system", "content": system})
     if fmt == "messages":
-        system_turn = [{"role": "system", "content": system}] if system else []
-        row: dict[str, Any] = {
-            "prompt": [*system_turn, {"role": "user", "content": record.user_message()}],
-            "completion": [{"role": "assistant", "content": record.output}],
-        }
+        row: dict[str, Any] = (
+            {"messages": chat} if conversations else {"prompt": chat[:-1], "completion": chat[-1:]}
+        )
     elif fmt == "sharegpt":
-        system_turn = [{"from": "system", "value": system}] if system else []
+        row = {"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in chat]}
+    elif fmt == "tulu":
         row = {
-            "conversations": [
-                *system_turn,
-                {"from": "human", "value": record.user_message()},
-                {"from": "gpt", "value": record.output},
-            ]
+            "id": str(record.meta.get("id") or key),
+            "messages": chat,
+            "source": str(record.meta.get("source") or source),
         }
     else:
         row = {"instruction": record.instruction, "input": record.input, "output": record.output}
@@ -220,8 +237,10 @@ FORMAT_DOCS = {
     "messages": "JSON lines in TRL's conversational prompt-completion format: `prompt` holds the user message "
     "(the instruction, then a blank line and the input when there is one) and `completion` the assistant's "
     "answer (the output)",
-    "sharegpt": "JSON lines of ShareGPT `conversations`: a `human` turn (the instruction, then a blank line "
-    "and the input when there is one) and a `gpt` turn (the output)",
+    "sharegpt": "JSON lines of ShareGPT / OpenHermes `conversations` of `{from, value}` turns: `system` when "
+    "there is one, then `human` (the instruction, then a blank line and the input when there is one) and `gpt` "
+    "(the answer) alternating",
+    "tulu": "JSON lines in Tulu 3's shape: `id`, `messages` (`{role, content}` turns) and `source`",
     "parquet": "Parquet with string columns `instruction`, `input`, `output`",
 }
 
@@ -549,7 +568,25 @@ def run_export(cfg: ExportConfig) -> int:
         kept = {k: previous[k] for k in ("name", "license") if getattr(cfg, k) is None and previous.get(k)}
         card_cfg = cfg.model_copy(update=kept)
 
-    rows = [to_row(r, cfg.format, system=cfg.system, keep_meta=cfg.keep_meta) for r in src.records]
+    conversations = any(r.turns > 1 for r in src.records)
+    if conversations and cfg.format not in CHAT_FORMATS:
+        several = sum(r.turns > 1 for r in src.records)
+        raise UserError(
+            f"{src.corpus}: {several} records are conversations with several turns, which --format {cfg.format} "
+            f"cannot hold; use --format {', '.join(CHAT_FORMATS)}"
+        )
+    rows = [
+        to_row(
+            r,
+            cfg.format,
+            system=cfg.system,
+            keep_meta=cfg.keep_meta,
+            conversations=conversations,
+            key=f"{src.name}_{k}",
+            source=src.name,
+        )
+        for k, r in enumerate(src.records)
+    ]
     write_rows(out, cfg.format, rows)
     print(f"wrote {len(rows)} records to {out} ({cfg.format})")
     if cfg.card:

@@ -128,9 +128,11 @@ class MagpieConfig(Section):
 # ---------------------------------------------------------------- the chat template
 
 
-def load_tokenizer(spec: str, flag: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer (with its chat template) of a model name `resolve_model` accepts, or of a directory that
-    holds only tokenizer files."""
+def load_tokenizer(
+    spec: str, flag: str, trust_remote_code: bool = False, needs_chat_template: bool = True
+) -> Any:
+    """The tokenizer (with its chat template, unless not `needs_chat_template`) of a model name `resolve_model`
+    accepts, or of a directory that holds only tokenizer files."""
     from transformers import AutoTokenizer
 
     path = Path(spec).expanduser()
@@ -141,7 +143,7 @@ def load_tokenizer(spec: str, flag: str, trust_remote_code: bool = False) -> Any
     except Exception as e:  # missing files, unknown tokenizer class: the user's to fix
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise UserError(f"{flag} {spec}: cannot load its tokenizer ({first})") from None
-    if not getattr(tokenizer, "chat_template", None):
+    if needs_chat_template and not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"{flag} {spec}: the tokenizer has no chat template (magpie needs an aligned chat model)"
         )

@@ -78,17 +78,26 @@ class InstructionRecord:
 
 @dataclass
 class CorpusRecord:
-    """One training example in Alpaca shape; anything else goes under `meta`."""
+    """One training example in Alpaca shape; anything else goes under `meta`.
+
+    A conversation (chat input, `converse`) also carries `messages`, the whole exchange with roles (system turn
+    included); its Alpaca fields then hold the first user turn and the answer to it, for single-turn tools.
+    """
 
     instruction: str
     input: str = ""
     output: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The record's JSON object (`meta` only when set). Built directly: `dataclasses.asdict` deep-copies
-        every value and was most of the time spent writing a 100k-record corpus."""
-        d: dict[str, Any] = {"instruction": self.instruction, "input": self.input, "output": self.output}
+        """The record's JSON object (`meta` only when set): Alpaca fields, or the chat form `messages` for a
+        conversation. Built directly: `dataclasses.asdict` deep-copies every value and was most of the time
+        spent writing a 100k-record corpus."""
+        if self.messages is not None:
+            d: dict[str, Any] = {"messages": [dict(m) for m in self.messages]}
+        else:
+            d = {"instruction": self.instruction, "input": self.input, "output": self.output}
         if self.meta:
             d["meta"] = dict(self.meta)
         return d
@@ -100,8 +109,33 @@ class CorpusRecord:
         """
         return f"{self.instruction}\n\n{self.input}" if self.input.strip() else self.instruction
 
+    def conversation(self) -> list[dict[str, str]]:
+        """The record as chat messages: its own for a conversation, else one user turn and the answer."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [
+            {"role": "user", "content": self.user_message()},
+            {"role": "assistant", "content": self.output},
+        ]
+
+    @property
+    def turns(self) -> int:
+        """User/assistant exchanges (1 for an Alpaca record)."""
+        return sum(m["role"] == "assistant" for m in self.messages) if self.messages is not None else 1
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CorpusRecord:
+        """Inverse of `to_dict` for our own files (other chat files go through `selfinstruct.corpus`)."""
+        if "messages" in d:
+            messages = [{"role": m["role"], "content": m["content"]} for m in d["messages"]]
+            first = next(k for k, m in enumerate(messages) if m["role"] == "user")
+            return cls(
+                messages[first]["content"],
+                "",
+                messages[first + 1]["content"],
+                dict(d.get("meta") or {}),
+                messages,
+            )
         return cls(
             instruction=d["instruction"],
             input=d.get("input", "") or "",

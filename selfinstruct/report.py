@@ -23,6 +23,7 @@ import random
 import re
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -31,12 +32,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from selfinstruct.config import Section, load_toml
+from selfinstruct.corpus import is_seed_format, load_corpus_any, load_seed_tasks, load_tasks_any, read_rows
 from selfinstruct.errors import UserError
 from selfinstruct.evaluate import task_of
 from selfinstruct.filters.heuristics import FilterConfig
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import is_seed_format, load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
 from selfinstruct.store import atomic_write_json, atomic_write_text, read_jsonl
 
 
@@ -45,7 +46,7 @@ class StatsConfig(Section):
 
     path: str | None = Field(
         None,
-        description="a run directory, or a corpus file (Alpaca JSON/JSONL or self-instruct seed JSONL)",
+        description="a run directory, or a corpus file (Alpaca JSON/JSONL, seed JSONL, chat JSONL, Parquet)",
         json_schema_extra={"positional": True},
     )
     out: str | None = Field(None, description="report directory (default: RUN/report, or CORPUS_report)")
@@ -61,6 +62,11 @@ class StatsConfig(Section):
     )
     examples: int = Field(5, ge=0, description="random records shown in the report")
     seed: int = Field(0, description="seed for choosing the shown records")
+    tokenizer: str | None = Field(
+        None,
+        description="count conversation turns in this model's tokens (a directory, hub id or built-in name; "
+        "default: whitespace-separated words)",
+    )
 
 
 # ---------------------------------------------------------------- reading a run or a corpus
@@ -101,7 +107,8 @@ def _from_corpus(records: list[CorpusRecord]) -> list[Instruction]:
 
 
 def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
-    if is_seed_format(read_json_records(path)[0][1]):
+    path, rows = read_rows(path)
+    if is_seed_format(rows[0][1]):
         tasks = load_seed_tasks(path)
         instructions = [Instruction(t.instruction, t.is_classification, "seed") for t in tasks]
         instances = [
@@ -110,7 +117,7 @@ def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
             for i in t.instances
         ]
         return instructions, instances
-    records = load_alpaca(path)
+    records = load_corpus_any(path, rows)
     return _from_corpus(records), records
 
 
@@ -143,7 +150,7 @@ def load_source(path: str) -> Source:
     if (p / "summary.json").is_file():
         source.summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
     if corpus.is_file() and corpus.stat().st_size:
-        source.instances = load_alpaca(corpus)
+        source.instances = load_corpus_any(corpus)
         source.instructions = _from_corpus(source.instances)
     else:  # a run still generating: its kept instructions and whatever instances they have so far
         source.notes.append("corpus.jsonl not written yet: statistics of instructions.jsonl")
@@ -404,7 +411,37 @@ def _evolution(source: Source, parser: str) -> dict[str, Any]:
     return {"available": True, "rounds": rounds, "by_op": by_op, "by_depth": by_depth}
 
 
-def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs: int) -> dict[str, Any]:
+def conversation_stats(records: list[CorpusRecord], count: Callable[[str], int], unit: str) -> dict[str, Any]:
+    """Turns per conversation and the length of each user and assistant turn, over the chat records."""
+    chats = [r.messages for r in records if r.messages is not None]
+    if not chats:
+        return {"available": False, "reason": "no chat records"}
+    turns = [m for messages in chats for m in messages]
+    return {
+        "available": True,
+        "unit": unit,
+        "conversations": len(chats),
+        "multi_turn": sum(1 for r in records if r.turns > 1),
+        "with_system": sum(1 for messages in chats if messages[0]["role"] == "system"),
+        "turns_per_conversation": length_stats([sum(m["role"] == "assistant" for m in c) for c in chats]),
+        "user_turn": length_stats([count(m["content"]) for m in turns if m["role"] == "user"]),
+        "assistant_turn": length_stats([count(m["content"]) for m in turns if m["role"] == "assistant"]),
+    }
+
+
+def _counter(tokenizer: str | None) -> tuple[Callable[[str], int], str]:
+    """How turn lengths are counted: the model's tokens (`--tokenizer`), else words."""
+    if tokenizer is None:
+        return words, "words"
+    from selfinstruct.magpie import load_tokenizer
+
+    tok = load_tokenizer(tokenizer, "--tokenizer", needs_chat_template=False)
+    return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), f"{tokenizer} tokens"
+
+
+def compute_stats(
+    source: Source, seeds_path: str | None, parser: str, top_verbs: int, tokenizer: str | None = None
+) -> dict[str, Any]:
     instructions, instances = source.instructions, source.instances
     with_input = sum(1 for r in instances if r.input.strip())
     classification = sum(1 for i in instructions if i.is_classification)
@@ -463,6 +500,7 @@ def compute_stats(source: Source, seeds_path: str | None, parser: str, top_verbs
         },
         "counts": counts,
         "lengths": lengths,
+        "conversations": conversation_stats(instances, *_counter(tokenizer)),
         "rouge_to_seeds": novelty,
         "verbs": verbs_and_objects([i.text for i in instructions], parser, top_verbs),
         "rejections": _rejections(source),
@@ -731,6 +769,34 @@ def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[C
         )
     )
 
+    chats = stats["conversations"]
+    if chats["available"]:
+        rows = [
+            [
+                name,
+                _num(s["count"]),
+                _num(s.get("mean")),
+                _num(s.get("median")),
+                _num(s.get("p90")),
+                _num(s.get("max")),
+            ]
+            for name, s in (
+                ("turns per conversation", chats["turns_per_conversation"]),
+                (f"user turn ({html.escape(chats['unit'])})", chats["user_turn"]),
+                (f"assistant turn ({html.escape(chats['unit'])})", chats["assistant_turn"]),
+            )
+        ]
+        body = _table(
+            [
+                ("conversations", _num(chats["conversations"])),
+                (
+                    "  with several turns / with a system turn",
+                    f"{_num(chats['multi_turn'])} / {_num(chats['with_system'])}",
+                ),
+            ]
+        ) + _grid(["", "count", "mean", "median", "p90", "max"], rows)
+        sections.append(("Conversations", body))
+
     novelty = stats["rouge_to_seeds"]
     if novelty.get("available"):
         body = _img(images.get("rouge_to_seeds"), "ROUGE-L to the nearest seed") + _table(
@@ -900,7 +966,7 @@ def stats_report(cfg: StatsConfig) -> tuple[dict[str, Any], Path]:
     )
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
-    stats = compute_stats(source, cfg.seeds, cfg.parser, cfg.top_verbs)
+    stats = compute_stats(source, cfg.seeds, cfg.parser, cfg.top_verbs, cfg.tokenizer)
     stats["selection"] = selection_section(source.path)
     images = _plots(stats, out)
     stats["plots"] = {name: path.name for name, path in images.items()}
@@ -918,6 +984,14 @@ def run_stats(cfg: StatsConfig) -> int:
         f"{c['instructions']:,} instructions ({c['classification_instructions']:,} classification), "
         f"{c['instances']:,} instances, {_pct(c['share_with_input'])} with input"
     )
+    chats = stats["conversations"]
+    if chats["available"]:
+        per = chats["turns_per_conversation"]
+        print(
+            f"{chats['conversations']:,} conversations: {per['mean']:.2f} turns on average (max {per['max']}), "
+            f"{chats['user_turn']['mean']:.1f} / {chats['assistant_turn']['mean']:.1f} {chats['unit']} per "
+            "user / assistant turn"
+        )
     novelty = stats["rouge_to_seeds"]
     if novelty.get("available"):
         print(f"ROUGE-L to the nearest seed: mean {novelty['mean']:.3f}, median {novelty['median']:.3f}")

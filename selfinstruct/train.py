@@ -8,6 +8,10 @@ whose EOS TRL appends to the completion. With a chat template the turn's end tok
 model config, generation config): base models such as Qwen2.5 ship a ChatML template but stop on
 `<|endoftext|>`, and would otherwise never stop after a tuned answer.
 
+Conversations with several turns are trained on every assistant turn: they are tokenized here into rows whose
+`completion_mask` covers exactly the assistant turns (`assistant_only_row`), and one longer than `--max-length`
+is cut at exchange boundaries (`split_conversation`) instead of losing its last answers to truncation.
+
 Packing must not let the samples that share a row attend to each other. TRL packs rows with best-fit
 decreasing and restarts `position_ids` at every sample; transformers (>= 5) turns restarted positions into a
 block-diagonal causal mask for sdpa/eager/flex attention, and varlen flash-attention kernels use the sample
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import os
 import random
 import shutil
@@ -38,12 +41,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from selfinstruct.config import Section, save_config
+from selfinstruct.corpus import load_corpus_any, read_rows
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.evaluate import task_of
 from selfinstruct.models import merge_adapter, resolve_model, torch_dtype
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_corpus_any, read_json_records
 from selfinstruct.store import atomic_write_json
 
 
@@ -52,7 +55,8 @@ class TrainConfig(Section):
 
     data: str | None = Field(
         None,
-        description="corpus: Alpaca JSON/JSONL, chat JSONL (messages or prompt/completion), or a run directory",
+        description="corpus: a run directory, Alpaca JSON/JSONL, seed JSONL, chat JSONL (messages, ShareGPT "
+        "conversations or prompt/completion; any number of turns) or Parquet",
     )
     model: str | None = Field(
         None,
@@ -106,7 +110,9 @@ class TrainConfig(Section):
         8, gt=0, description="gradient accumulation steps (effective batch = batch x accum x GPUs)"
     )
     max_length: int = Field(
-        512, gt=0, description="tokens per sample (longer ones are cut) or per packed row"
+        512,
+        gt=0,
+        description="tokens per sample or packed row (longer Alpaca samples are cut, conversations split between turns)",
     )
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="fraction of tasks held out (all their records) for eval loss"
@@ -158,111 +164,118 @@ def format_alpaca_prompt(instruction: str, input: str = "") -> str:
     return read_template(name).format(instruction=instruction, input=input)
 
 
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-
-
-def _conversation(path: Path, line: int, obj: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    """A chat record as TRL's conversational prompt/completion: everything before the last assistant turn
-    is the prompt, so the loss falls on that turn alone."""
-    if "prompt" in obj or "completion" in obj:
-        prompt, completion = obj.get("prompt"), obj.get("completion")
-        if not isinstance(prompt, list) or not isinstance(completion, list):
-            raise InputFileError(
-                path, line, "fields 'prompt' and 'completion' must both be lists of messages"
-            )
-        messages = prompt + completion
-    elif "conversations" in obj:  # ShareGPT
-        turns = obj["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise InputFileError(path, line, "field 'conversations' must be a list of {from, value} objects")
-        messages = [
-            {"role": _SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-            for t in turns
-        ]
-        completion = messages[-1:]
-    else:
-        messages = obj.get("messages")
-        if not isinstance(messages, list):
-            raise InputFileError(path, line, "field 'messages' must be a list of {role, content} objects")
-        completion = messages[-1:]
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise InputFileError(path, line, f"bad message {m!r}: role must be system, user or assistant")
-        if not isinstance(m.get("content"), str):
-            raise InputFileError(path, line, f"message of role {m['role']!r} needs a string 'content'")
-    if len(completion) != 1 or completion[0]["role"] != "assistant" or len(messages) < 2:
-        raise InputFileError(path, line, "a chat record must end with one assistant message after the prompt")
-    if not completion[0]["content"].strip():
-        raise InputFileError(path, line, "the assistant message is empty")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return {"prompt": messages[:-1], "completion": messages[-1:]}
-
-
-def load_corpus(data: str) -> tuple[Path, list[CorpusRecord] | list[dict[str, list[dict[str, str]]]]]:
-    """Alpaca records (a seed file's instances count too), or chat examples already in prompt/completion form;
-    a run directory means its corpus."""
-    path = Path(data).expanduser()
-    if path.is_dir():
-        path = path / "corpus.jsonl"
-        if not path.is_file():
-            raise UserError(
-                f"{path.parent}: no corpus.jsonl in this run directory (pass a corpus file instead)"
-            )
-    rows = read_json_records(path)
-    if any(k in rows[0][1] for k in ("messages", "prompt", "completion", "conversations")):
-        return path, [_conversation(path, line, obj) for line, obj in rows]
-    records = [r for r in load_corpus_any(path, rows) if r.output.strip()]
+def load_corpus(data: str) -> tuple[Path, list[CorpusRecord]]:
+    """Every record with something to learn: Alpaca records with an output (a seed file's instances count too)
+    and conversations of any length (`selfinstruct.corpus`), whose assistant turns must all say something."""
+    path, rows = read_rows(data)
+    records = []
+    for (line, _), record in zip(rows, load_corpus_any(path, rows), strict=False):
+        if record.messages is None:
+            if record.output.strip():
+                records.append(record)
+            continue
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in record.messages):
+            raise InputFileError(path, line, "an assistant message is empty")
+        records.append(record)
     if not records:
         raise UserError(f"{path}: no record has a non-empty output: nothing to train on")
     return path, records
 
 
-def to_examples(records: list, template: Literal["chat", "alpaca"]) -> list[dict[str, Any]]:
-    """Prompt/completion examples: chat messages (TRL applies the template) or Alpaca strings (TRL adds EOS)."""
-    if records and isinstance(records[0], dict):
-        if template == "alpaca":
-            raise UserError(
-                "--template alpaca needs Alpaca records (instruction/input/output), not chat messages"
-            )
-        return records
+def to_examples(records: list[CorpusRecord], template: Literal["chat", "alpaca"]) -> list[dict[str, Any]]:
+    """Prompt/completion examples of single-exchange records: chat messages (TRL applies the template; a
+    record's own system turn stays in the prompt) or Alpaca strings (TRL adds EOS)."""
     if template == "chat":
-        return [
-            {
-                "prompt": [{"role": "user", "content": r.user_message()}],
-                "completion": [{"role": "assistant", "content": r.output}],
-            }
-            for r in records
-        ]
+        examples = []
+        for r in records:
+            messages = r.conversation()
+            examples.append({"prompt": messages[:-1], "completion": messages[-1:]})
+        return examples
+    if any(r.messages is not None and (r.turns > 1 or r.messages[0]["role"] == "system") for r in records):
+        raise UserError(
+            "--template alpaca holds one instruction and one answer: conversations with several turns or a "
+            "system turn need --template chat"
+        )
     return [{"prompt": format_alpaca_prompt(r.instruction, r.input), "completion": r.output} for r in records]
 
 
-def _task_key(record: CorpusRecord | dict[str, Any]) -> str:
-    """Records of one task share this key (as in `selfinstruct split`); a chat record's key is its prompt."""
-    if isinstance(record, CorpusRecord):
-        return task_of(record)
-    return json.dumps(record["prompt"], ensure_ascii=False, sort_keys=True)
+# ---------------------------------------------------------------- multi-turn conversations -> token rows
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
+    """The conversation rendered by the chat template and tokenized as TRL does (no special tokens added)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def assistant_only_row(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    """`input_ids` of the whole conversation and a `completion_mask` that is 1 exactly on every assistant
+    turn's tokens: from after the template's generation prompt up to and including its end-of-turn text.
+
+    Built from renders of each prefix of the conversation rather than from `{% generation %}` template tags,
+    which few models' templates have; a template that renders earlier turns differently once later turns
+    follow (some drop past reasoning) cannot be split this way and is refused.
+    """
+    ids = _ids(tokenizer, messages)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, through = _ids(tokenizer, messages[:i], True), _ids(tokenizer, messages[: i + 1])
+        if ids[: len(prompt)] != prompt or ids[: len(through)] != through or len(through) <= len(prompt):
+            raise UserError(
+                "the model's chat template renders earlier turns differently once later ones follow, so the "
+                "assistant turns of a conversation cannot be located token by token; train on single-turn records"
+            )
+        mask[len(prompt) : len(through)] = [1] * (len(through) - len(prompt))
+    return {"input_ids": ids, "completion_mask": mask}
+
+
+def split_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> list[list[dict]]:
+    """Pieces of at most `max_length` tokens cut at exchange boundaries (FastChat's `split_long_conversation`):
+    each piece keeps the system turn and starts with a user turn, so no answer is truncated away. A single
+    exchange longer than `max_length` stays a piece of its own (and is truncated)."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    exchanges = [turns[k : k + 2] for k in range(0, len(turns), 2)]
+    pieces: list[list[dict]] = []
+    current: list[dict] = []
+    for exchange in exchanges:
+        if current and len(_ids(tokenizer, system + current + exchange)) > max_length:
+            pieces.append(system + current)
+            current = []
+        current = current + exchange
+    pieces.append(system + current)
+    return pieces
+
+
+def conversation_rows(records: list[CorpusRecord], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Token rows that train on every assistant turn, long conversations split at exchange boundaries."""
+    return [
+        assistant_only_row(tokenizer, piece)
+        for r in records
+        for piece in split_conversation(tokenizer, r.conversation(), max_length)
+    ]
+
+
+def multi_turn(records: list[CorpusRecord]) -> bool:
+    return any(r.turns > 1 for r in records)
 
 
 def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded hold-out of whole tasks (at least one task each side when a fraction is asked for).
 
-    The instances of one instruction never straddle the split: the eval loss would otherwise be measured on
-    tasks the model trained on, and look better than it is.
+    The instances of one task (`task_of`: task id, else the first user turn) never straddle the split: the eval
+    loss would otherwise be measured on tasks the model trained on, and look better than it is.
     """
     if fraction <= 0:
         return records, []
-    tasks = sorted({_task_key(r) for r in records})
+    tasks = sorted({task_of(r) for r in records})
     n_eval = max(1, round(len(tasks) * fraction))
     if n_eval >= len(tasks):
         raise UserError(f"--eval-fraction {fraction} leaves no training tasks out of {len(tasks)}")
     held = set(random.Random(seed).sample(tasks, n_eval))
-    return [r for r in records if _task_key(r) not in held], [r for r in records if _task_key(r) in held]
+    return [r for r in records if task_of(r) not in held], [r for r in records if task_of(r) in held]
 
 
 # ---------------------------------------------------------------- packing
@@ -454,7 +467,14 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     model_path, tokenizer = _load_tokenizer(cfg)
     cfg = resolve_defaults(cfg, tokenizer, cuda, cuda and torch.cuda.is_bf16_supported())
     train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.seed)
-    train_rows, eval_rows = to_examples(train_records, cfg.template), to_examples(eval_records, cfg.template)
+    if cfg.template == "chat" and multi_turn(records):
+        train_rows = conversation_rows(train_records, tokenizer, cfg.max_length)
+        eval_rows = conversation_rows(eval_records, tokenizer, cfg.max_length)
+    else:
+        train_rows, eval_rows = (
+            to_examples(train_records, cfg.template),
+            to_examples(eval_records, cfg.template),
+        )
 
     from trl import SFTConfig, SFTTrainer
 
