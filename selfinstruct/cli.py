@@ -39,6 +39,10 @@ COMMANDS: dict[str, Command] = {
         "Synthesize instructions without seeds: an aligned chat model writes the queries itself (Magpie).",
         "selfinstruct.magpie:MagpieConfig:run_magpie",
     ),
+    "converse": Command(
+        "Grow records into multi-turn conversations: a simulated user asks follow-ups, the teacher answers.",
+        "selfinstruct.converse:ConverseConfig:run_converse",
+    ),
     "filter": Command(
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",

@@ -165,7 +165,10 @@ def to_row(
     else:
         row = {"instruction": record.instruction, "input": record.input, "output": record.output}
     if keep_meta:
-        row["meta"] = json.dumps(record.meta, ensure_ascii=False) if fmt == "parquet" else record.meta
+        meta = record.meta
+        if fmt == "tulu":  # id and source are the row's own fields (and come back from there on import)
+            meta = {k: v for k, v in meta.items() if k not in ("id", "source")}
+        row["meta"] = json.dumps(meta, ensure_ascii=False) if fmt == "parquet" else meta
     return row
 
 

@@ -51,6 +51,10 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     },
     "evol_judge": (frozenset({"first", "second"}), frozenset({"first", "second"})),
     "evol_answer": (frozenset({"prompt", "instruction", "input"}), frozenset({"prompt"})),
+    # `selfinstruct converse`: the user simulator sees the transcript; the assistant the conversation itself
+    # (chat: its earlier turns as messages and the last user message here; completion: the transcript)
+    "converse_user": (frozenset({"conversation", "turn"}), frozenset({"conversation"})),
+    "converse_assistant": (frozenset({"conversation", "message"}), frozenset()),
     "select_judge": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
     "select_deita": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
 }

@@ -520,3 +520,77 @@ class MagpieResponder:
             return [instruction(rng) for _ in range(int(request.get("n") or 1))]
         query = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
         return f"Here is my answer to '{query}': {_sentence(rng)}"
+
+
+FOLLOW_UPS = [
+    "Can you give {n} concrete examples of {topic} for {audience}?",
+    "How would that change for {audience} on a tight budget?",
+    "Could you rewrite the answer as {n} bullet points about {topic}?",
+    "Why does {topic} matter here, in plain words?",
+    "What are the most common mistakes people make with {topic}?",
+    "Make it shorter and add one tip about {topic} for {audience}.",
+    "Switching topics a little: how is {topic} related to {topic2}?",
+    "Which sources would you recommend to learn more about {topic}?",
+]
+
+
+class ConverseResponder:
+    """Callable for `FakeOpenAI(responder=...)`: both roles of `selfinstruct converse` (chat or completions).
+
+    A user-simulator request (the chat prompt asks for "the user's next message"; a completion prompt ends
+    with "User:") gets a follow-up question from a small grammar; anything else gets an answer of a few
+    sentences. Triggers in the conversation's first user turn: `[leak]` the simulator writes two turns
+    ("User: … Assistant: …") · `[refuse]` it refuses · `[empty]` it writes nothing · `[repeat]` it repeats the
+    first question · `[flaky]` its first attempt of each conversation leaks, later ones are fine · `[label]`
+    it prefixes its message with "User:" (cleaned, kept) · `[mute]` every answer after the first is empty.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._flaky: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, request: dict[str, Any]) -> str:
+        chat = "messages" in request
+        text = "\n".join(m["content"] for m in request["messages"]) if chat else request.get("prompt", "")
+        rng = random.Random(hashlib.sha256(f"{self.seed}:{request.get('seed')}:{text}".encode()).digest())
+        simulating = text.rstrip().endswith(("Write the user's next message.", "User:"))
+        first = _first_user_turn(request, text)
+        if not simulating:
+            if (
+                "[mute]" in first
+                and text.count("Assistant:")
+                + sum(m["role"] == "assistant" for m in request.get("messages", []))
+                >= 1
+            ):
+                return ""
+            return " ".join(_sentence(rng) for _ in range(rng.randint(2, 3)))
+        question = rng.choice(FOLLOW_UPS).format(
+            n=rng.choice(NUMBERS), topic=_topic(rng), topic2=_topic(rng), audience=rng.choice(AUDIENCES)
+        )
+        if "[flaky]" in first:
+            with self._lock:
+                fresh = first not in self._flaky
+                self._flaky.add(first)
+            if fresh:
+                return f"{question}\nAssistant: Sure, here it is."
+        if "[leak]" in first:
+            return f"{question}\n\nAssistant: Of course! Here are some ideas.\n\nUser: Thanks!"
+        if "[refuse]" in first:
+            return "I'm sorry, but I can't continue this conversation."
+        if "[empty]" in first:
+            return ""
+        if "[repeat]" in first:
+            return first
+        if "[label]" in first:
+            return f"User: {question}"
+        return question
+
+
+def _first_user_turn(request: dict[str, Any], text: str) -> str:
+    """The conversation's opening question, from the transcript (or the chat messages of an answer request)."""
+    m = re.search(r"^User: (.*)$", text, re.M)
+    if m:
+        return m.group(1)
+    users = [m["content"] for m in request.get("messages", []) if m["role"] == "user"]
+    return users[0] if users else ""
