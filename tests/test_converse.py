@@ -158,7 +158,9 @@ def test_teacher_answers_first_without_reuse_and_a_separate_user_teacher(tmp_pat
         assert rec["messages"][1]["content"] != seed[2] and rec["meta"]["reused_output"] is False
         assert rec["meta"]["user_model"] == "fake-user" and rec["meta"]["teacher_model"] == "fake-model"
     retried = len(lines(tmp_path / "run" / "rejected.jsonl"))  # user turns asked again
-    assert len(asked) == 4 * 3 and len(simulated) == 4 * 2 + retried  # answers to one, follow-ups to the other
+    assert (
+        len(asked) == 4 * 3 and len(simulated) == 4 * 2 + retried
+    )  # answers to one, follow-ups to the other
     assert all(b["model"] == "fake-user" for b in simulated)
     # the assistant sees the conversation itself as messages
     longest = max(asked, key=lambda b: len(b["messages"]))
