@@ -327,6 +327,11 @@ def test_every_reader_takes_conversations_of_any_length(conversed, tmp_path):
         assert len(records) == len(lines(run / "corpus.jsonl"))
         assert all(r.turns >= 2 and r.messages[-1]["role"] == "assistant" for r in records)
     assert len(load_corpus_rows(share)) == len(records)
+    from selfinstruct.filters.command import FilterCommandConfig, filter_corpus
+
+    summary = filter_corpus(FilterCommandConfig(input=str(share), out=str(tmp_path / "f")), console=QUIET)
+    kept = lines(tmp_path / "f" / "kept.jsonl")
+    assert summary["kept"] == len(kept) >= 1 and all("conversations" in r for r in kept)  # judged on turn 1
     assert {t.instruction for t in load_tasks_any(share)} == {r.instruction for r in records}
     prompt_completion = tmp_path / "pc.jsonl"
     prompt_completion.write_text(

@@ -23,10 +23,10 @@ from rich.table import Table
 from rich.text import Text
 
 from selfinstruct.config import Section
+from selfinstruct.corpus import chat_record, is_chat, is_seed_format, read_rows
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.filters import CandidateFilter, Decision
 from selfinstruct.filters.heuristics import FilterConfig
-from selfinstruct.seeds import is_seed_format, read_json_records
 from selfinstruct.store import RunDir
 
 OUTPUTS = ("kept.jsonl", "rejected.jsonl", "summary.json")
@@ -35,7 +35,7 @@ OUTPUTS = ("kept.jsonl", "rejected.jsonl", "summary.json")
 class FilterCommandConfig(Section):
     input: str = Field(
         "",
-        description="corpus to clean: Alpaca JSON/JSONL or self-instruct seed JSONL",
+        description="corpus to clean: Alpaca JSON/JSONL, seed JSONL, chat JSONL (first user turn), Parquet, run dir",
         json_schema_extra={"positional": True},
     )
     out: str | None = Field(None, description="output directory (default: <input stem>-filtered next to it)")
@@ -55,9 +55,13 @@ class FilterCommandConfig(Section):
 
 
 def _texts(path: Path, records: list[tuple[int, dict[str, Any]]], name: str) -> list[str]:
+    """The `name` field of every record; a chat record's `instruction` is its first user turn and its `output`
+    the answer to it (as `selfinstruct.corpus` reads them)."""
     texts = []
     for line, record in records:
         value = record.get(name)
+        if value is None and is_chat(record) and name in ("instruction", "input", "output"):
+            value = getattr(chat_record(path, line, record), name)
         if not isinstance(value, str):
             problem = "missing" if value is None else f"must be a string, got {type(value).__name__}"
             raise InputFileError(path, line, f"field '{name}': {problem}")
@@ -102,9 +106,9 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
     existing = [out / name for name in OUTPUTS if (out / name).exists()]
     if existing and not cfg.force:
         raise UserError(f"{existing[0]}: already exists (use --force to overwrite)")
-    records = read_json_records(src)
+    src, records = read_rows(src)
     texts = _texts(src, records, cfg.field)
-    pool = _texts(Path(cfg.pool), read_json_records(cfg.pool), cfg.field) if cfg.pool else []
+    pool = _texts(*read_rows(cfg.pool), cfg.field) if cfg.pool else []
     console = console or Console(stderr=True, highlight=False)
 
     started = time.perf_counter()
