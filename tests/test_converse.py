@@ -367,3 +367,38 @@ def test_stats_reports_turns_per_conversation_and_turn_lengths(conversed, tmp_pa
     assert (
         stats["conversations"]["assistant_turn"]["mean"] > chats["assistant_turn"]["mean"]
     )  # BPE: more pieces
+
+
+# ---------------------------------------------------------------- the real in-process vLLM engine
+
+
+@pytest.mark.vllm
+def test_converse_on_vllm(vllm_teacher, tiny_model_dir, tmp_path):
+    """The plumbing on the real engine (tiny random model: its turns are nonsense and mostly cut off, so what is
+    checked is that both roles are asked through the chat path and every conversation is decided)."""
+    from selfinstruct.filters import FilterConfig
+    from selfinstruct.testing import tiny_vllm_config
+
+    inp = corpus(tmp_path / "in.jsonl", plain=4, triggered=False)
+    cfg = ConverseConfig(
+        input=str(inp),
+        out=str(tmp_path / "run"),
+        turns="2",
+        retries=1,
+        user_max_tokens=24,
+        answer_max_tokens=24,
+        filters=FilterConfig(
+            check_length=False, check_punctuation=False, check_non_ascii=False, blacklist="none"
+        ),
+        teacher=tiny_vllm_config(tiny_model_dir),
+    )
+    before = vllm_teacher.stats.requests
+    assert run_converse(cfg, teacher=vllm_teacher, console=QUIET) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["decided"] == 4 == summary["kept"] + summary["dropped"]
+    assert summary["requests"] == vllm_teacher.stats.requests - before >= 4  # a user turn for each at least
+    rejected = lines(tmp_path / "run" / "rejected.jsonl")
+    assert {r["meta"].get("role") for r in rejected if r["stage"] == "converse"} <= {"user", "assistant"}
+    assert summary["rejected_by_reason"] == dict(Counter(r["reason"] for r in rejected))
+    for rec in lines(tmp_path / "run" / "corpus.jsonl"):
+        check_shape(rec["messages"], 2, 2)
