@@ -236,11 +236,12 @@ def chat_messages(p: Path, line: int, obj: dict[str, Any]) -> list[dict[str, str
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for k, m in enumerate(turns):
         expected = "user" if k % 2 == 0 else "assistant"
+        article = "a" if expected == "user" else "an"
         if m["role"] != expected:
             raise InputFileError(
                 p,
                 line,
-                f"message {k + 1 + len(messages) - len(turns)}: expected a {expected} turn, got "
+                f"message {k + 1 + len(messages) - len(turns)}: expected {article} {expected} turn, got "
                 f"{m['role']} (turns must alternate user/assistant after an optional system turn)",
             )
     if not turns or turns[-1]["role"] != "assistant":

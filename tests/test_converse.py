@@ -266,7 +266,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     for args, message in (
         ((), "converse needs an INPUT"),
         (("x.jsonl", "--turns", "1"), "need 2 <= MIN <= MAX"),
-        ((str(bad),), "bad.jsonl:1: message 2: expected a assistant turn"),
+        ((str(bad),), "bad.jsonl:1: message 2: expected an assistant turn"),
     ):
         result = cli(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
