@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class MixConfig(Section):
 
     sources: list[str] = Field(
         [],
-        description="corpora to mix, each FILE or FILE:WEIGHT (Alpaca JSON/JSONL or seed files)",
+        description="corpora to mix, each FILE or FILE:WEIGHT (any corpus: Alpaca, seed, chat JSONL, Parquet)",
         json_schema_extra={"positional": True},
     )
     out: str | None = Field(None, description="output JSONL of the mixture")
@@ -139,9 +139,7 @@ def mix_records(
     for src, pool, n, w in zip(sources, pools, counts, weights, strict=True):
         for r in sorted(rng.sample(pool, n)):
             rec = src.records[r]
-            mixture.append(
-                CorpusRecord(rec.instruction, rec.input, rec.output, {**rec.meta, "source": src.path})
-            )
+            mixture.append(replace(rec, meta={**rec.meta, "source": src.path}))  # conversations stay whole
         rows.append(
             {
                 "source": src.path,

@@ -328,6 +328,14 @@ def test_every_reader_takes_conversations_of_any_length(conversed, tmp_path):
         assert all(r.turns >= 2 and r.messages[-1]["role"] == "assistant" for r in records)
     assert len(load_corpus_rows(share)) == len(records)
     from selfinstruct.filters.command import FilterCommandConfig, filter_corpus
+    from selfinstruct.mix import MixConfig, mix
+
+    alpaca = corpus(tmp_path / "alpaca.jsonl", plain=4, triggered=False)
+    mix(MixConfig(sources=[str(share), str(alpaca)], out=str(tmp_path / "mix.jsonl")))
+    mixed = lines(tmp_path / "mix.jsonl")
+    assert sorted(len(r.get("messages", [])) // 2 for r in mixed) == [0] * 4 + sorted(
+        r.turns for r in records
+    )
 
     summary = filter_corpus(FilterCommandConfig(input=str(share), out=str(tmp_path / "f")), console=QUIET)
     kept = lines(tmp_path / "f" / "kept.jsonl")
