@@ -40,6 +40,7 @@ from selfinstruct.pipeline import (
 from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.prompts import Prompts
 from selfinstruct.seeds import load_tasks_any
+from selfinstruct.shard import ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import Totals
@@ -130,6 +131,9 @@ class GenerateConfig(Section):
     )
     prompt_dir: str | None = optional(
         "directory with prompt templates overriding the built-in ones (by file name)"
+    )
+    shard: ShardSpec = shard_field(
+        "work: seed tasks the bootstrap/alpaca prompts show, instructions classify/instances answer"
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
