@@ -34,8 +34,6 @@ from selfinstruct.errors import UserError
 from selfinstruct.shard import Shard
 from selfinstruct.store import read_jsonl
 
-BATCH_DISCOUNT = 0.5
-"""OpenAI's Batch API bills half the synchronous price."""
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD = 4
 """Tokens a chat message costs beyond its content (role and separators; OpenAI's rule of thumb)."""
@@ -193,6 +191,7 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
     from selfinstruct.generate import GenerateConfig  # noqa: F401 - the type `cfg` is
     from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, INSTRUCTIONS, resolve_decoding
     from selfinstruct.seeds import load_tasks_any
+    from selfinstruct.teachers.openai_compat import BATCH_DISCOUNT
     from selfinstruct.teachers.pricing import resolve_prices
 
     seeds = load_tasks_any(cfg.seeds)

@@ -301,7 +301,12 @@ async def run_stage(ctx: RunContext, stage: str, source: Any) -> bool:
     stats = ctx.stats[stage]
     wall, cpu = time.monotonic(), time.process_time()
     try:
-        completed = await drive(ctx.teacher, source, ctx.slots, ctx.stop)
+        if getattr(getattr(ctx.cfg, "teacher", None), "batch_api", False):
+            from selfinstruct.pipeline.batch import run_batches
+
+            completed = await run_batches(ctx, stage, source)
+        else:
+            completed = await drive(ctx.teacher, source, ctx.slots, ctx.stop)
     finally:
         await ctx.journal.aflush()
         stats.elapsed_s += time.monotonic() - wall

@@ -65,6 +65,14 @@ class TeacherConfig(Section):
         ge=0,
         description="USD per 1M completion tokens (default: built-in table for known OpenAI models)",
     )
+    batch_api: bool = Field(
+        False,
+        description="openai: send stages whose requests are independent (classify, instances, alpaca rounds) "
+        "as Batch API jobs at half price; results within 24 h; rerunning resumes the journaled batch",
+    )
+    batch_poll: float = Field(
+        30.0, gt=0, description="openai --batch-api: seconds between batch status checks"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
     dtype: str = Field(
         "auto",

@@ -1,0 +1,161 @@
+"""`--batch-api`: run a teacher stage as Batch API jobs (half price, answers within 24 h), resumable.
+
+A stage whose requests do not depend on each other's answers (classify, instances: one request per
+instruction; alpaca and bootstrap rounds: prompts built from the pool as it stands when the batch is made) hands
+all it would send to one batch instead of keeping `--concurrency` requests in flight. The stage's own request
+builder and answer handler are used unchanged (`next_call` / `handle`), so records are the same as in a direct run.
+
+What the run directory holds, and why a restart never pays twice:
+1. the requests of a batch go to `batches/<label>.jsonl` (atomically) and a `prepared` line to `batches.jsonl`;
+2. the file is uploaded and the batch created, with `<label>` in its metadata; a `submitted` line journals its id;
+3. the batch is polled until it ends; its output and error files are downloaded and every answer goes through
+   the stage's handler (journaled like a direct answer); once they are durable a `finished` line follows.
+A rerun first completes what the journal left open: a submitted batch is polled again, never resubmitted; a
+prepared one whose id was lost (killed between create and journal) is looked up by its label in the provider's
+batch list and created only if it is not there. Answers for instructions that already have one are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import deque
+from dataclasses import asdict
+from typing import Any
+
+from selfinstruct.errors import UserError
+from selfinstruct.pipeline import RunContext, read_keyed
+from selfinstruct.store import JsonlWriter, atomic_write_text, read_jsonl
+from selfinstruct.teachers.base import Sampling, TeacherRequest, TeacherResponse
+
+BATCHES = "batches.jsonl"
+BATCH_DIR = "batches"
+ENDED = {"completed", "failed", "expired", "cancelled"}
+
+
+class BatchLog:
+    """`batches.jsonl`: prepared / submitted / finished lines, appended with an fsync each."""
+
+    def __init__(self, ctx: RunContext):
+        self.path = ctx.run / BATCHES
+
+    def unfinished(self, stage: str) -> list[dict[str, Any]]:
+        """Batches of `stage` prepared but not finished, in order, with their id when one was journaled."""
+        open_: dict[str, dict[str, Any]] = {}
+        for line in read_jsonl(self.path) if self.path.exists() else []:
+            if line.get("stage") != stage:
+                continue
+            if line["event"] == "prepared":
+                open_[line["label"]] = dict(line)
+            elif line["event"] == "submitted" and line["label"] in open_:
+                open_[line["label"]]["batch_id"] = line["batch_id"]
+            elif line["event"] == "finished":
+                open_.pop(line["label"], None)
+        return list(open_.values())
+
+    def append(self, **line: Any) -> None:
+        with JsonlWriter(self.path) as writer:
+            writer.write([line])
+
+
+def _encode(request: TeacherRequest) -> str:
+    data = {"messages": request.messages, "prompt": request.prompt, "sampling": asdict(request.sampling)}
+    return json.dumps({**data, "tag": request.tag}, ensure_ascii=False)
+
+
+def _decode(data: dict[str, Any]) -> TeacherRequest:
+    return TeacherRequest(data["messages"], data["prompt"], Sampling(**data["sampling"]), data["tag"])
+
+
+async def run_batches(ctx: RunContext, stage: str, source: Any) -> bool:
+    """Drive `source` (the same object `drive` takes) through batches; False when stopped (Ctrl-C)."""
+    if not hasattr(ctx.teacher, "submit_batch"):
+        raise UserError("--batch-api needs the OpenAI-compatible teacher (--teacher openai)")
+    log = BatchLog(ctx)
+    for entry in log.unfinished(stage):
+        if not await _finish(ctx, stage, source, log, entry):
+            return False
+    _dedupe_todo(source)
+    while not ctx.stop.is_set() and not source.satisfied():
+        requests: list[TeacherRequest] = []
+        while batch := source.next_call(len(requests)):
+            requests += batch
+        if not requests:
+            break
+        label = f"{stage}-{uuid.uuid4().hex[:12]}"
+        atomic_write_text(
+            ctx.run / BATCH_DIR / f"{label}.jsonl", "".join(_encode(r) + "\n" for r in requests)
+        )
+        log.append(stage=stage, label=label, requests=len(requests), event="prepared")
+        if not await _finish(ctx, stage, source, log, {"stage": stage, "label": label}):
+            return False
+        _dedupe_todo(source)
+    return not ctx.stop.is_set()
+
+
+async def _finish(ctx: RunContext, stage: str, source: Any, log: BatchLog, entry: dict[str, Any]) -> bool:
+    """Submit (unless already), poll, download and hand over one batch. False when stopped while waiting."""
+    teacher: Any = ctx.teacher
+    label = entry["label"]
+    requests = {f"r{k}": _decode(d) for k, d in enumerate(read_jsonl(ctx.run / BATCH_DIR / f"{label}.jsonl"))}
+    batch_id = entry.get("batch_id")
+    if batch_id is None:
+        batch_id = await teacher.find_batch(label) or await teacher.submit_batch(
+            list(requests.values()), list(requests), label
+        )
+        log.append(stage=stage, label=label, batch_id=batch_id, event="submitted")
+    info = ctx.stats[stage].extra
+    poll = ctx.cfg.teacher.batch_poll
+    while True:
+        batch = await teacher.batch_status(batch_id)
+        counts = batch.request_counts
+        info["batch"] = {
+            "id": batch_id,
+            "status": batch.status,
+            "completed": counts.completed if counts else 0,
+            "total": counts.total if counts else len(requests),
+        }
+        ctx.on_tick(stage)
+        if batch.status in ENDED:
+            break
+        try:
+            await asyncio.wait_for(ctx.stop.wait(), timeout=poll)
+            return False  # stopped: the batch runs on at the provider; a rerun picks it up
+        except TimeoutError:
+            pass
+    responses = await teacher.batch_results(batch, requests)
+    if not responses and batch.status == "failed":
+        log.append(stage=stage, label=label, batch_id=batch_id, event="finished", status=batch.status)
+        errors = "; ".join(e.message or "?" for e in (batch.errors.data or [])) if batch.errors else ""
+        raise UserError(f"batch {batch_id} failed: {errors or 'no reason given'}; rerun to submit it again")
+    await ctx.journal.aflush()
+    source.handle(_still_wanted(source, responses))
+    await ctx.journal.aflush()
+    log.append(stage=stage, label=label, batch_id=batch_id, event="finished", status=batch.status)
+    return True
+
+
+def _still_wanted(source: Any, responses: list[TeacherResponse]) -> list[TeacherResponse]:
+    """Per-instruction stages: only answers about instructions still without one (a rerun may hold some)."""
+    output = getattr(source, "output", None)
+    if output is None:
+        return responses
+    done = read_keyed(source.ctx.run, output)
+    return [r for r in responses if r.request.tag[0] not in done]
+
+
+def _dedupe_todo(source: Any) -> None:
+    """Drop from a per-instruction stage's to-do list what a resumed batch answered, and repeats (a failed
+    answer queues its instruction once more)."""
+    todo = getattr(source, "todo", None)
+    if todo is None:
+        return
+    done = read_keyed(source.ctx.run, source.output)
+    seen: set[str] = set()
+    keep = []
+    for item in todo:
+        if item[0] not in done and item[0] not in seen:
+            seen.add(item[0])
+            keep.append(item)
+    source.todo = deque(keep)
