@@ -91,9 +91,11 @@ def test_failed_batch_lines_are_retried_and_alpaca_rounds_batch(seeds: Path, tmp
 
 
 def test_a_server_without_batches_is_a_one_line_error(seeds: Path, tmp_path: Path) -> None:
-    with FakeOpenAI(PipelineResponder(seed=4), models=[MODEL], batch_api=False) as server:
-        with pytest.raises(UserError, match="Batch API at .*HTTP 404"):
-            run_generate(config(seeds, tmp_path / "a", server, stages=["bootstrap"]))
+    with (
+        FakeOpenAI(PipelineResponder(seed=4), models=[MODEL], batch_api=False) as server,
+        pytest.raises(UserError, match=r"Batch API at .*HTTP 404"),
+    ):
+        run_generate(config(seeds, tmp_path / "a", server, stages=["bootstrap"]))
 
 
 def test_kill_9_between_submit_and_download_resumes_without_resubmitting(seeds: Path, tmp_path: Path) -> None:
