@@ -394,6 +394,12 @@ def run_generate(
     identity = _identity(cfg)
     with RunDir(cfg.out) as run:
         state = open_state(run, identity, "a generate run", _mismatch(run, identity))
+        if cfg.shard is not None:  # `merge` counts a copied base run's usage once, not once per shard
+            if state.setdefault("shard", cfg.shard) != cfg.shard:
+                raise UserError(
+                    f"{run.path} holds shard {state['shard']}; --shard {cfg.shard} needs another --out"
+                )
+            state.setdefault("usage_before_shard", dict(state.get("usage", {})))
         state["sessions"] = state.get("sessions", 0) + 1
         atomic_write_json(run / STATE, state)
         save_config("generate", cfg, run / CONFIG)
