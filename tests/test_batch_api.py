@@ -128,3 +128,23 @@ def test_kill_9_between_submit_and_download_resumes_without_resubmitting(seeds: 
     assert [line["event"] for line in lines(log)] == ["prepared", "submitted", "finished"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["classify"]["finished"]
+
+
+def test_evolve_rounds_go_as_batches(tmp_path: Path) -> None:
+    """Evolve's steps (rewrite, judge, answer) depend on each other per lineage, not across lineages: each
+    step of all lineages goes as one batch, and the lineages come out as complete as in a direct run."""
+    from selfinstruct.evolve import run_evolve
+    from selfinstruct.testing.responders import EvolveResponder
+    from tests.test_evolve import QUIET, check_lineages, corpus
+    from tests.test_evolve import config as evolve_config
+
+    inp = corpus(tmp_path / "in.jsonl")
+    with FakeOpenAI(responder=EvolveResponder(seed=1), models=["fake-model"]) as server:
+        cfg = evolve_config(inp, tmp_path / "run", server, {"batch_api": True, "batch_poll": 0.05}, rounds=2)
+        assert run_evolve(cfg, console=QUIET) == 0
+        created = server.batch_creations
+    roots = len(inp.read_text().splitlines())
+    check_lineages(tmp_path / "run", roots, 2)
+    assert (
+        2 <= created <= 2 * 3 + 2
+    )  # a handful of batches (steps × rounds, plus retries), not one per request

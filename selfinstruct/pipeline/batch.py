@@ -60,11 +60,18 @@ class BatchLog:
 
 
 def _encode(request: TeacherRequest) -> str:
+    """One request as a line of the batch's request file. A tag that is not JSON (evolve's live attempt
+    objects) cannot be restored by another process: the line says so and a rerun drops its answer."""
     data = {"messages": request.messages, "prompt": request.prompt, "sampling": asdict(request.sampling)}
-    return json.dumps({**data, "tag": request.tag}, ensure_ascii=False)
+    try:
+        return json.dumps({**data, "tag": request.tag}, ensure_ascii=False)
+    except TypeError:
+        return json.dumps({**data, "tag": None, "opaque_tag": True}, ensure_ascii=False)
 
 
-def _decode(data: dict[str, Any]) -> TeacherRequest:
+def _decode(data: dict[str, Any]) -> TeacherRequest | None:
+    if data.get("opaque_tag"):
+        return None
     return TeacherRequest(data["messages"], data["prompt"], Sampling(**data["sampling"]), data["tag"])
 
 
@@ -88,19 +95,32 @@ async def run_batches(ctx: RunContext, stage: str, source: Any) -> bool:
             ctx.run / BATCH_DIR / f"{label}.jsonl", "".join(_encode(r) + "\n" for r in requests)
         )
         log.append(stage=stage, label=label, requests=len(requests), event="prepared")
-        if not await _finish(ctx, stage, source, log, {"stage": stage, "label": label}):
+        if not await _finish(ctx, stage, source, log, {"stage": stage, "label": label}, requests):
             return False
         _dedupe_todo(source)
     return not ctx.stop.is_set()
 
 
-async def _finish(ctx: RunContext, stage: str, source: Any, log: BatchLog, entry: dict[str, Any]) -> bool:
-    """Submit (unless already), poll, download and hand over one batch. False when stopped while waiting."""
+async def _finish(
+    ctx: RunContext,
+    stage: str,
+    source: Any,
+    log: BatchLog,
+    entry: dict[str, Any],
+    made: list[TeacherRequest] | None = None,
+) -> bool:
+    """Submit (unless already), poll, download and hand over one batch. False when stopped while waiting.
+
+    `made`: the requests, when this process built the batch (else they are read back from its file)."""
     teacher: Any = ctx.teacher
     label = entry["label"]
-    requests = {f"r{k}": _decode(d) for k, d in enumerate(read_jsonl(ctx.run / BATCH_DIR / f"{label}.jsonl"))}
+    stored = made or [_decode(d) for d in read_jsonl(ctx.run / BATCH_DIR / f"{label}.jsonl")]
+    requests = {f"r{k}": r for k, r in enumerate(stored) if r is not None}
     batch_id = entry.get("batch_id")
     if batch_id is None:
+        if len(requests) < len(stored):  # never sent, and its answers could not be used: build anew
+            log.append(stage=stage, label=label, event="finished", status="abandoned")
+            return True
         batch_id = await teacher.find_batch(label) or await teacher.submit_batch(
             list(requests.values()), list(requests), label
         )
