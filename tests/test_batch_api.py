@@ -132,19 +132,30 @@ def test_kill_9_between_submit_and_download_resumes_without_resubmitting(seeds: 
 
 def test_evolve_rounds_go_as_batches(tmp_path: Path) -> None:
     """Evolve's steps (rewrite, judge, answer) depend on each other per lineage, not across lineages: each
-    step of all lineages goes as one batch, and the lineages come out as complete as in a direct run."""
-    from selfinstruct.evolve import run_evolve
-    from selfinstruct.testing.responders import EvolveResponder
-    from tests.test_evolve import QUIET, check_lineages, corpus
-    from tests.test_evolve import config as evolve_config
+    step of all lineages goes as one batch, and every lineage gets its one outcome per round."""
+    from rich.console import Console
 
-    inp = corpus(tmp_path / "in.jsonl")
+    from selfinstruct.evolve import EvolveConfig, run_evolve
+    from selfinstruct.testing.responders import EvolveResponder
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(
+            json.dumps({"instruction": t["instruction"], "input": "", "output": t["instances"][0]["output"]})
+            + "\n"
+            for t in small_seed_tasks()[:8]
+        )
+    )
     with FakeOpenAI(responder=EvolveResponder(seed=1), models=["fake-model"]) as server:
-        cfg = evolve_config(inp, tmp_path / "run", server, {"batch_api": True, "batch_poll": 0.05}, rounds=2)
-        assert run_evolve(cfg, console=QUIET) == 0
+        teacher = TeacherConfig(
+            model="fake-model", base_url=[server.url], api_key_env="", batch_api=True, batch_poll=0.05
+        )
+        cfg = EvolveConfig(input=str(inp), out=str(tmp_path / "run"), teacher=teacher, rounds=2)
+        assert run_evolve(cfg, console=Console(stderr=True, quiet=True)) == 0
         created = server.batch_creations
-    roots = len(inp.read_text().splitlines())
-    check_lineages(tmp_path / "run", roots, 2)
+    outcomes = lines(tmp_path / "run" / "evolved.jsonl") + lines(tmp_path / "run" / "rejected.jsonl")
+    decided = sorted((r["meta"]["evol"]["root_id"], r["meta"]["evol"]["round"]) for r in outcomes)
+    assert decided == sorted((f"root_{k:06d}", r) for k in range(8) for r in (1, 2))
     assert (
         2 <= created <= 2 * 3 + 2
     )  # a handful of batches (steps × rounds, plus retries), not one per request
