@@ -10,6 +10,9 @@ Two ways to shard a generate run, one merge for both:
   pair was already compared (ROUGE-L F is symmetric), so only cross-shard pairs can fail here; a dropped
   instruction goes to `rejected.jsonl` (stage `merge`) and its classification, instances and corpus records
   are left out.
+Shards of `selfinstruct select --shard i/N` (directories with scores.jsonl) merge into one score cache: every
+(scorer, scoring model, record) line once, teacher usage summed; `selfinstruct select` on the merged directory
+then selects from all the scores without asking the teacher again.
 Usage is summed: the usage a job inherited from a copied base run (recorded when it first ran with `--shard`) is
 counted once. Counts of records come from the merged files; requests, tokens, cost and time are sums.
 """
@@ -31,6 +34,7 @@ from selfinstruct.pipeline import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTION
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 
 STATE, SUMMARY, CONFIG = "state.json", "summary.json", "config.toml"
+SCORES, SELECT_STATE = "scores.jsonl", "select_state.json"  # of `selfinstruct select`
 USAGE_KEYS = ("requests", "failed_requests", "retries", "prompt_tokens", "completion_tokens", "cost")
 SESSION_COUNTERS = ("requests", "failed_requests", "prompt_tokens", "completion_tokens", "elapsed_s", "cpu_s")
 
@@ -70,6 +74,8 @@ def merge_runs(runs: list[Path], out: Path) -> dict[str, Any]:
     """Merge shard run directories into `out`; returns the merged summary."""
     if len(runs) < 2:
         raise UserError("merge needs at least two run directories")
+    if all((r / SCORES).exists() and not (r / STATE).exists() for r in runs):
+        return _merge_scores(runs, out)
     states = [_load_json(run / STATE) for run in runs]
     identity = states[0].get("identity", {})
     for run, state in zip(runs[1:], states[1:], strict=True):
@@ -131,9 +137,7 @@ def merge_runs(runs: list[Path], out: Path) -> dict[str, Any]:
     all_rejected = [*shard_rejected.values(), *rejected]
 
     with RunDir(out) as merged:
-        foreign = sorted(p.name for p in merged.path.iterdir() if p.name != ".lock")
-        if foreign:
-            raise UserError(f"{merged.path} is not empty ({foreign[0]}, …); merge into a new --out")
+        _new_dir(merged)
         for name, records in (
             (INSTRUCTIONS, kept),
             (CLASSIFICATION, classification),
@@ -165,6 +169,31 @@ def merge_runs(runs: list[Path], out: Path) -> dict[str, Any]:
                 merged / CONFIG, "".join(ln for ln in text.splitlines(True) if not ln.startswith("shard ="))
             )
     return summary
+
+
+def _new_dir(merged: RunDir) -> None:
+    foreign = sorted(p.name for p in merged.path.iterdir() if p.name != ".lock")
+    if foreign:
+        raise UserError(f"{merged.path} is not empty ({foreign[0]}, …); merge into a new --out")
+
+
+def _merge_scores(runs: list[Path], out: Path) -> dict[str, Any]:
+    """Select shards: one score line per (scorer, by, id), the first good one; usage summed."""
+    lines: dict[tuple[str, str, str], dict[str, Any]] = {}
+    usage = dict.fromkeys(USAGE_KEYS, 0)
+    for run in runs:
+        for line in read_jsonl(run / SCORES):
+            if line.get("score") is not None:
+                lines.setdefault((line["scorer"], line["by"], line["id"]), line)
+        if (run / SELECT_STATE).exists():
+            used = _load_json(run / SELECT_STATE).get("usage", {})
+            for key in USAGE_KEYS:
+                usage[key] += used.get(key, 0)
+    with RunDir(out) as merged:
+        _new_dir(merged)
+        atomic_write_text(merged / SCORES, "".join(_line(r) for r in lines.values()))
+        atomic_write_json(merged / SELECT_STATE, {"usage": usage})
+    return {"merge": {"shards": len(runs), "score_lines": len(lines)}, **usage}
 
 
 def _line(rec: dict[str, Any]) -> str:
@@ -261,6 +290,13 @@ def run_merge(cfg: MergeConfig) -> int:
 
     summary = merge_runs([Path(r) for r in cfg.runs], Path(cfg.out))
     m = summary["merge"]
+    if "score_lines" in m:
+        Console(stderr=True, highlight=False).print(
+            f"merged {m['shards']} select shards into {cfg.out}: {m['score_lines']} scores, "
+            f"{summary['requests']} requests; now run `selfinstruct select … --out {cfg.out}` to select",
+            markup=False,
+        )
+        return 0
     Console(stderr=True, highlight=False).print(
         f"merged {m['shards']} shards into {cfg.out}: {summary['kept']} instructions "
         f"({m['dropped_too_similar']} dropped as too similar across shards, {m['duplicate_ids']} repeated ids), "

@@ -58,6 +58,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.pipeline.runner import NeedsEveryAnswer
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_rows
+from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import JsonlWriter, RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers.config import TeacherConfig
 
@@ -129,6 +130,9 @@ class SelectConfig(Section):
     max_cost: float | None = optional("judge/deita: stop after this much estimated cost in USD", gt=0)
     prompt_dir: str | None = optional(
         "directory with prompt templates overriding select_judge / select_deita"
+    )
+    shard: ShardSpec = shard_field(
+        "records to score (no selection: `selfinstruct merge` the shards' --out, then select there)"
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge LLM")
 
@@ -513,6 +517,8 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
     records = [r for _, _, r in rows]
     ids = [record_id(r) for r in records]
     unique = dict(zip(ids, records, strict=True))
+    shard = Shard.parse(cfg.shard)
+    to_score = unique if shard is None else {i: r for i, r in unique.items() if shard.owns(i)}
     max_similarity = cfg.max_similarity or DEFAULT_MAX_SIMILARITY.get(cfg.diversity, 1.0)
     templates = {}
     teacher_scorers = [s for s in cfg.score if s in TEACHER_SCORERS]
@@ -537,7 +543,7 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
         writer = JsonlWriter(run / SCORES)
         cache.sink = writer.write
         if local:
-            todo = {s: cache.missing(s, by[s], list(unique)) for s in local}
+            todo = {s: cache.missing(s, by[s], list(to_score)) for s in local}
             tokenizer = model = None
             if cfg.scorer_model and any(todo.values()):
                 tokenizer, model = _load_tokenizer_and_model(
@@ -558,8 +564,22 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
         writer.close()
         if teacher_scorers:
             stop_reason, unparseable = _teacher_scoring(
-                cfg, run, cache, by, unique, templates, teacher_scorers, teacher, progress, emitter
+                cfg, run, cache, by, to_score, templates, teacher_scorers, teacher, progress, emitter
             )
+        if shard is not None:  # a share of the scoring only: the selection needs every record's scores
+            missing = sum(len(cache.missing(s, by[s], list(to_score))) for s in cfg.score)
+            report = {
+                "input": str(src),
+                "shard": str(shard),
+                "scored_records": len(to_score),
+                "unscored": missing,
+                "stop_reason": stop_reason,
+                "complete": stop_reason is None and not missing,
+                "teacher_usage": _usage(run) if teacher_scorers else None,
+                "out": str(out),
+            }
+            run.snapshot(REPORT, report)
+            return report
 
         # combine, exclude, rank, walk
         excluded: dict[str, int] = {}
@@ -688,6 +708,12 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
 
 def run_select(cfg: SelectConfig) -> int:
     report = select(cfg)
+    if "shard" in report:
+        print(
+            f"shard {report['shard']}: scored {report['scored_records'] - report['unscored']} of "
+            f"{report['scored_records']} records -> {report['out']}/{SCORES} (merge the shards, then select)"
+        )
+        return 130 if report["stop_reason"] == "interrupted" else 0
     excluded = ", ".join(f"{k} {v}" for k, v in report["excluded"].items()) or "none"
     print(
         f"selected {report['selected']} of {report['records']} records (excluded: {excluded}; "

@@ -4,6 +4,7 @@ bootstrap shards grown from disjoint seed subsets merge into a set that passes t
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -126,3 +127,33 @@ def test_bootstrap_shards_grow_from_disjoint_seeds_and_merge_is_novel(seeds: Pat
     merged_ids = {r["id"] for r in lines(tmp_path / "m" / "instructions.jsonl")}
     assert {r["id"] for r in lines(tmp_path / "m" / "instances.jsonl")} == merged_ids
     assert {r["meta"]["task_id"] for r in lines(tmp_path / "m" / "corpus.jsonl")} <= merged_ids
+
+
+def test_select_scoring_shards_merge_into_the_single_process_selection(tmp_path: Path) -> None:
+    from selfinstruct.select import SelectConfig, select
+    from selfinstruct.testing.raters import RatingResponder
+
+    responder, rng = PipelineResponder(7), random.Random(3)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(responder._task(rng)) + "\n" for _ in range(40)))
+    with FakeOpenAI(responder=RatingResponder()) as server:
+        teacher = TeacherConfig(model="fake-model", base_url=[server.url], api_key_env="", max_retries=1)
+
+        def cfg(out: str, **kw) -> SelectConfig:
+            return SelectConfig(
+                input=str(corpus), out=str(tmp_path / out), n=12, score=["judge"], teacher=teacher, **kw
+            )
+
+        single = select(cfg("single"))
+        for i in range(N):
+            report = select(cfg(f"part{i}", shard=f"{i}/{N}"))
+            assert report["complete"] and report["scored_records"] < 40
+        assert (
+            cli_run(["merge", *(str(tmp_path / f"part{i}") for i in range(N)), "--out", str(tmp_path / "m")])
+            == 0
+        )
+        server.clear()
+        merged = select(cfg("m"))
+        assert not server.completions()  # every score came from the shards
+    assert lines(tmp_path / "m" / "selected.jsonl") == lines(tmp_path / "single" / "selected.jsonl")
+    assert merged["teacher_usage"]["requests"] == single["teacher_usage"]["requests"] == 40
