@@ -53,6 +53,7 @@ from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_alpaca, load_corpus_any
+from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, TeacherStats, Totals
@@ -144,6 +145,7 @@ class EvolveConfig(Section):
     prompt_dir: str | None = Field(
         None, description="directory with prompt templates overriding the built-in ones (by file name)"
     )
+    shard: ShardSpec = shard_field("lineages (input records, by root id) to evolve")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
 
@@ -789,6 +791,8 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
         atomic_write_json(run / STATE, state)
         save_config("evolve", cfg, run / CONFIG)
         lineages, survivors, tally, rejected = restore(run, originals)
+        if (shard := Shard.parse(cfg.shard)) is not None:  # every original stays in the novelty pool
+            lineages = [lin for lin in lineages if shard.owns(lin.root.id)]
         todo = [lin for lin in lineages if lin.next_round <= cfg.rounds]
         own_teacher = teacher is None and bool(todo)
         the_teacher = teacher or (make_teacher(cfg.teacher) if todo else None)

@@ -10,6 +10,10 @@ Two ways to shard a generate run, one merge for both:
   pair was already compared (ROUGE-L F is symmetric), so only cross-shard pairs can fail here; a dropped
   instruction goes to `rejected.jsonl` (stage `merge`) and its classification, instances and corpus records
   are left out.
+Shards of `selfinstruct evolve --shard i/N` (lineages split by root id; every input record stays in each
+shard's novelty pool) merge the same way: survivors once, each checked against the survivors of earlier shards
+(lineages never straddle shards, so these are always other lineages), the corpus rebuilt as evolve writes it.
+A dropped survivor's later rounds stay (they passed their own checks).
 Shards of `selfinstruct select --shard i/N` (directories with scores.jsonl) merge into one score cache: every
 (scorer, scoring model, record) line once, teacher usage summed; `selfinstruct select` on the merged directory
 then selects from all the scores without asking the teacher again.
@@ -35,6 +39,7 @@ from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, rea
 
 STATE, SUMMARY, CONFIG = "state.json", "summary.json", "config.toml"
 SCORES, SELECT_STATE = "scores.jsonl", "select_state.json"  # of `selfinstruct select`
+EVOLVED = "evolved.jsonl"  # of `selfinstruct evolve`
 USAGE_KEYS = ("requests", "failed_requests", "retries", "prompt_tokens", "completion_tokens", "cost")
 SESSION_COUNTERS = ("requests", "failed_requests", "prompt_tokens", "completion_tokens", "elapsed_s", "cpu_s")
 
@@ -85,6 +90,8 @@ def merge_runs(runs: list[Path], out: Path) -> dict[str, Any]:
             identity.get("seeds_sha256"),
         ):
             raise UserError(f"{run} is not a shard of the same run as {runs[0]} (other pipeline or seeds)")
+    if identity.get("command") == "evolve":
+        return _merge_evolve(runs, out, states)
     pipeline = identity.get("pipeline", "self-instruct")
 
     # instructions: each id once, then the exact novelty filter across shards
@@ -196,6 +203,56 @@ def _merge_scores(runs: list[Path], out: Path) -> dict[str, Any]:
     return {"merge": {"shards": len(runs), "score_lines": len(lines)}, **usage}
 
 
+def _merge_evolve(runs: list[Path], out: Path, states: list[dict[str, Any]]) -> dict[str, Any]:
+    index = novelty_index(_filters(runs[0]))
+    survivors: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for run in runs:
+        fresh = [r for r in _records(run, EVOLVED) if r["id"] not in seen]
+        seen.update(r["id"] for r in fresh)
+        verdicts = index.query([r["instruction"] for r in fresh], add_kept=False)  # vs earlier shards only
+        kept_here = [r for r, v in zip(fresh, verdicts, strict=True) if v.keep]
+        for rec, verdict in zip(fresh, verdicts, strict=True):
+            if not verdict.keep:
+                nearest = verdict.nearest[0] if verdict.nearest else None
+                dropped.append(
+                    {
+                        **{k: rec.get(k) for k in ("instruction", "input", "output")},
+                        "reason": TOO_SIMILAR,
+                        "stage": "merge",
+                        "nearest": {"instruction": nearest[0], "score": nearest[1]} if nearest else None,
+                        "meta": {**(rec.get("meta") or {}), "id": rec["id"], "shard_dir": str(run)},
+                    }
+                )
+        index.add(r["instruction"] for r in kept_here)
+        survivors += kept_here
+    shard_rejected: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for rec in _records(run, REJECTED):
+            shard_rejected.setdefault(json.dumps(rec, sort_keys=True), rec)
+    # evolve's corpus: the input records (every shard wrote them, when included), then the survivors
+    originals = [r for r in _records(runs[0], CORPUS) if "evol" not in (r.get("meta") or {})]
+    corpus = originals + [{k: r[k] for k in ("instruction", "input", "output", "meta")} for r in survivors]
+    usage = _usage(states)
+    with RunDir(out) as merged:
+        _new_dir(merged)
+        atomic_write_text(merged / EVOLVED, "".join(_line(r) for r in survivors))
+        atomic_write_text(merged / REJECTED, "".join(_line(r) for r in [*shard_rejected.values(), *dropped]))
+        atomic_write_text(merged / CORPUS, "".join(_line(r) for r in corpus))
+        state = {"identity": states[0]["identity"], "usage": usage, "merged_from": [str(r) for r in runs]}
+        summary = {
+            "command": "evolve",
+            "kept": len(survivors),
+            "corpus_records": len(corpus),
+            **usage,
+            "merge": {"shards": len(runs), "dropped_too_similar": len(dropped), "duplicate_ids": 0},
+        }
+        atomic_write_json(merged / STATE, state)
+        atomic_write_json(merged / SUMMARY, summary)
+    return summary
+
+
 def _line(rec: dict[str, Any]) -> str:
     return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
 
@@ -298,7 +355,8 @@ def run_merge(cfg: MergeConfig) -> int:
         )
         return 0
     Console(stderr=True, highlight=False).print(
-        f"merged {m['shards']} shards into {cfg.out}: {summary['kept']} instructions "
+        f"merged {m['shards']} shards into {cfg.out}: {summary['kept']} "
+        f"{'survivors' if summary.get('command') == 'evolve' else 'instructions'} "
         f"({m['dropped_too_similar']} dropped as too similar across shards, {m['duplicate_ids']} repeated ids), "
         f"{summary['corpus_records']} corpus records, {summary['requests']} requests, ${summary['cost']:.4f}",
         markup=False,

@@ -157,3 +157,46 @@ def test_select_scoring_shards_merge_into_the_single_process_selection(tmp_path:
         assert not server.completions()  # every score came from the shards
     assert lines(tmp_path / "m" / "selected.jsonl") == lines(tmp_path / "single" / "selected.jsonl")
     assert merged["teacher_usage"]["requests"] == single["teacher_usage"]["requests"] == 40
+
+
+def test_evolve_shards_merge_novel_and_complete(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from selfinstruct.evolve import EvolveConfig, run_evolve
+    from selfinstruct.testing.responders import EvolveResponder
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(
+            json.dumps({"instruction": t["instruction"], "input": "", "output": t["instances"][0]["output"]})
+            + "\n"
+            for t in small_seed_tasks()[:12]
+        )
+    )
+    quiet = Console(stderr=True, quiet=True)
+    with FakeOpenAI(responder=EvolveResponder(seed=2)) as server:
+        teacher = TeacherConfig(model="fake-model", base_url=[server.url], api_key_env="", concurrency=4)
+        for i in range(N):
+            cfg = EvolveConfig(
+                input=str(inp), out=str(tmp_path / f"e{i}"), teacher=teacher, rounds=2, shard=f"{i}/{N}"
+            )
+            assert run_evolve(cfg, console=quiet) == 0
+    roots = [
+        {r["meta"]["evol"]["root_id"] for r in lines(tmp_path / f"e{i}" / "evolved.jsonl")} for i in range(N)
+    ]
+    assert all(not (roots[i] & roots[j]) for i in range(N) for j in range(i + 1, N))  # disjoint lineages
+    assert cli_run(["merge", *(str(tmp_path / f"e{i}") for i in range(N)), "--out", str(tmp_path / "m")]) == 0
+    survivors = lines(tmp_path / "m" / "evolved.jsonl")
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    total = sum(len(lines(tmp_path / f"e{i}" / "evolved.jsonl")) for i in range(N))
+    assert len(survivors) == total - summary["merge"]["dropped_too_similar"] > 0
+    # survivors of different lineages never exceed the threshold against each other
+    by_root: dict[str, list[str]] = {}
+    for rec in survivors:
+        by_root.setdefault(rec["meta"]["evol"]["root_id"], []).append(rec["instruction"])
+    index = novelty_index(FilterConfig())
+    for texts in by_root.values():
+        assert all(v.keep for v in index.query(texts, add_kept=False))
+        index.add(texts)
+    corpus = lines(tmp_path / "m" / "corpus.jsonl")
+    assert len(corpus) == 12 + len(survivors)  # the input records once, then every survivor
