@@ -159,3 +159,20 @@ def test_evolve_rounds_go_as_batches(tmp_path: Path) -> None:
     assert (
         2 <= created <= 2 * 3 + 2
     )  # a handful of batches (steps × rounds, plus retries), not one per request
+
+
+def test_a_batch_created_but_not_journaled_is_found_by_its_label(seeds: Path, tmp_path: Path) -> None:
+    """A kill between creating the batch and journaling its id: the rerun finds it in the provider's list."""
+    out = tmp_path / "run"
+    with FakeOpenAI(PipelineResponder(seed=6), models=[MODEL]) as server:
+        run_generate(config(seeds, out, server, stages=["bootstrap"], batch_api=False))
+        run_generate(config(seeds, out, server, stages=["classify"]))
+        assert server.batch_creations == 1
+        # roll the run back to the moment after `create`: only the `prepared` line, no answers on disk
+        log = out / "batches.jsonl"
+        log.write_text(log.read_text().splitlines()[0] + "\n")
+        (out / "classification.jsonl").unlink()
+        run_generate(config(seeds, out, server, stages=["classify"]))
+        assert server.batch_creations == 1  # found by label, not created again
+    assert len(lines(out / "classification.jsonl")) == 20
+    assert [line["event"] for line in lines(log)] == ["prepared", "submitted", "finished"]
