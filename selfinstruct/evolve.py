@@ -763,6 +763,23 @@ class EvolveMonitor(Monitor):
 # ---------------------------------------------------------------- the command
 
 
+def evolve_decoding(cfg: EvolveConfig) -> dict[str, dict[str, Any]]:
+    """Per-step decoding: the defaults with the command's overrides (`selfinstruct plan` reads it too)."""
+    return {
+        "evolve": {
+            **DECODING["evolve"],
+            "temperature": cfg.evolve_temperature,
+            "max_tokens": cfg.evolve_max_tokens,
+        },
+        "judge": {**DECODING["judge"], "max_tokens": cfg.judge_max_tokens},
+        "answer": {
+            **DECODING["answer"],
+            "temperature": cfg.answer_temperature,
+            "max_tokens": cfg.answer_max_tokens,
+        },
+    }
+
+
 def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Console | None = None) -> int:
     """Evolve (or resume evolving) `cfg.input` into `cfg.out`. `teacher`: an already started one (tests).
 
@@ -823,19 +840,7 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
                 stats=teacher_stats,
                 at_start=Totals.of(teacher_stats),
             ),
-            decoding={
-                "evolve": {
-                    **DECODING["evolve"],
-                    "temperature": cfg.evolve_temperature,
-                    "max_tokens": cfg.evolve_max_tokens,
-                },
-                "judge": {**DECODING["judge"], "max_tokens": cfg.judge_max_tokens},
-                "answer": {
-                    **DECODING["answer"],
-                    "temperature": cfg.answer_temperature,
-                    "max_tokens": cfg.answer_max_tokens,
-                },
-            },
+            decoding=evolve_decoding(cfg),
             stats=stats,
         )
         monitor = EvolveMonitor(ctx, state, console, tally, len(lineages))

@@ -1,4 +1,4 @@
-"""`selfinstruct plan [--sample N] generate FLAGS…`: requests, tokens, cost and time of a run, before it runs.
+"""`selfinstruct plan [--sample N] generate|evolve FLAGS…`: requests, tokens, cost and time, before running.
 
 `--max-cost` stops a run once the money is spent; `plan` says beforehand how much that will be. It builds the
 real stages of the planned command on a scratch copy of the run state and renders a sample of their real
@@ -15,12 +15,13 @@ prior (half of what a prompt asks for); low assumes every asked item is kept, hi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,6 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
     from selfinstruct.generate import GenerateConfig  # noqa: F401 - the type `cfg` is
     from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, INSTRUCTIONS, resolve_decoding
     from selfinstruct.seeds import load_tasks_any
-    from selfinstruct.teachers.openai_compat import BATCH_DISCOUNT
-    from selfinstruct.teachers.pricing import resolve_prices
 
     seeds = load_tasks_any(cfg.seeds)
     out = Path(cfg.out)
@@ -251,6 +250,14 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
         completion = (expected_c / 2, expected_c, float(max_tokens))
         seconds = _seconds(cfg.teacher, requests[1], prompt_mean + expected_c, expected_c, seen, latency)
         stages.append(StagePlan(stage, requests, prompt_mean, completion, source_c, seconds, note))
+    return _assemble("generate", cfg, counter, stages, bool(observed))
+
+
+def _assemble(command: str, cfg: Any, counter: TokenCounter, stages: list[StagePlan], observed: bool) -> dict:
+    """Prices (Batch API: half), per-stage totals and the grand total."""
+    from selfinstruct.teachers.openai_compat import BATCH_DISCOUNT
+    from selfinstruct.teachers.pricing import resolve_prices
+
     prices = resolve_prices(cfg.teacher.model, cfg.teacher.price_input, cfg.teacher.price_output)
     batch = bool(getattr(cfg.teacher, "batch_api", False))
     discount = BATCH_DISCOUNT if batch else 1.0
@@ -262,12 +269,12 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
         "seconds": round(sum(r["seconds"] for r in rows), 1),
     }
     return {
-        "command": "generate",
+        "command": command,
         "model": cfg.teacher.model,
         "tokenizer": counter.method,
         "prices_per_1m": {"input": prices[0] * discount, "output": prices[1] * discount},
         "batch_api": batch,
-        "observed_run": bool(observed),
+        "observed_run": observed,
         "stages": rows,
         "total": total,
     }
@@ -282,24 +289,8 @@ def _render(cfg: Any, seeds: list, scratch: Path, out: Path, sample: int) -> dic
     (a sample of) the run's instructions and labels, or seed tasks standing in for them before any exist."""
     import asyncio
 
-    from selfinstruct.pipeline import (
-        CLASSIFICATION,
-        INSTRUCTIONS,
-        JOURNALED,
-        RunContext,
-        StageStats,
-        resolve_decoding,
-    )
-    from selfinstruct.pipeline.runner import Budget, Journal
-    from selfinstruct.prompts import Prompts
-    from selfinstruct.store import RunDir
-    from selfinstruct.teachers.base import Teacher, TeacherStats, Totals
-
-    class Offline(Teacher):
-        """Renders, never answers: the request shapes depend only on the config."""
-
-        async def generate(self, requests: Sequence[Any]) -> list[Any]:
-            raise AssertionError("plan never calls the teacher")
+    from selfinstruct.pipeline import CLASSIFICATION, INSTRUCTIONS, resolve_decoding
+    from selfinstruct.pipeline.runner import Journal
 
     run_dir = scratch / "run"
     run_dir.mkdir()
@@ -317,13 +308,38 @@ def _render(cfg: Any, seeds: list, scratch: Path, out: Path, sample: int) -> dic
         f.writelines(
             json.dumps({"id": r["id"], "is_classification": r["is_classification"]}) + "\n" for r in stand_ins
         )
+    out_requests: dict[str, list] = {}
+    with _scratch_context(cfg, run_dir, seeds, resolve_decoding(cfg), cfg.chosen_stages(), Journal) as ctx:
+        for stage in cfg.chosen_stages():
+            out_requests[stage] = (
+                asyncio.run(_stage_requests(ctx, stage, sample)) if stage != "finetune" else []
+            )
+    return out_requests
+
+
+@contextlib.contextmanager
+def _scratch_context(
+    cfg: Any, run_dir: Path, seeds: list, decoding: dict, stages: Sequence[str], journal_type: type
+) -> Iterator[Any]:
+    """A `RunContext` on a scratch run directory with a teacher that renders and never answers."""
+    from selfinstruct.pipeline import JOURNALED, RunContext, StageStats
+    from selfinstruct.pipeline.runner import Budget
+    from selfinstruct.prompts import Prompts
+    from selfinstruct.store import RunDir
+    from selfinstruct.teachers.base import Teacher, TeacherStats, Totals
+
+    class Offline(Teacher):
+        """Renders, never answers: the request shapes depend only on the config."""
+
+        async def generate(self, requests: Sequence[Any]) -> list[Any]:
+            raise AssertionError("plan never calls the teacher")
+
     teacher = Offline(cfg.teacher, 256 if cfg.teacher.backend == "vllm" else 32)
     prompts = Prompts("chat" if cfg.teacher.api == "chat" else "completion", cfg.prompt_dir)
-    out_requests: dict[str, list] = {}
     with RunDir(run_dir) as run:
-        journal = Journal(run, JOURNALED)
+        journal = journal_type(run, JOURNALED)
         try:
-            ctx = RunContext(
+            yield RunContext(
                 cfg=cfg,
                 run=run,
                 seeds=seeds,
@@ -331,16 +347,11 @@ def _render(cfg: Any, seeds: list, scratch: Path, out: Path, sample: int) -> dic
                 prompts=prompts,
                 journal=journal,
                 budget=Budget(None, None, None, Totals(), TeacherStats(), Totals()),
-                decoding=resolve_decoding(cfg),
-                stats={s: StageStats() for s in cfg.chosen_stages()},
+                decoding=decoding,
+                stats={s: StageStats() for s in stages},
             )
-            for stage in cfg.chosen_stages():
-                out_requests[stage] = (
-                    asyncio.run(_stage_requests(ctx, stage, sample)) if stage != "finetune" else []
-                )
         finally:
             journal.close()
-    return out_requests
 
 
 async def _stage_requests(ctx: Any, stage: str, sample: int) -> list:
@@ -402,7 +413,97 @@ def _expected_answers(stage: str, cfg: Any, seeds: list, chat: bool, rng: random
 # ---------------------------------------------------------------- the command
 
 
-PLANNERS: dict[str, Callable[..., dict[str, Any]]] = {"generate": plan_generate}
+def plan_evolve(cfg: Any, sample: int, latency: float | None = None) -> dict[str, Any]:
+    """The plan of `selfinstruct evolve`: per step (evolve, judge, answer), the attempts still to decide.
+
+    Every attempt sends one rewrite request; the judge and answer requests only follow a rewrite that passed
+    the cheaper eliminations, so *low* counts rewrites only and *expected* every step of every attempt (or the
+    requests per decided attempt the run directory observed). Completion shapes: the parent record rewritten
+    (a rewrite of similar length), a judge verdict, the record's output as the answer."""
+    from selfinstruct.evolve import (
+        Attempt,
+        DurableJournal,
+        Evolver,
+        Node,
+        draw_op,
+        evolve_decoding,
+        format_task,
+        load_input,
+        restore,
+    )
+
+    if not cfg.input:
+        raise UserError("evolve needs an INPUT: a run directory or a corpus file")
+    records, _ = load_input(cfg.input)
+    records = records[: cfg.max_records]
+    originals = [Node(f"root_{k:06d}", r.instruction, r.input, r.output, 0) for k, r in enumerate(records)]
+    out = Path(cfg.out)
+    lineages, survivors, tally, _ = restore(out, originals)  # type: ignore[arg-type]  # only `/` is used
+    if (shard := Shard.parse(cfg.shard)) is not None:
+        lineages = [lin for lin in lineages if shard.owns(lin.root.id)]
+    attempts = sum(max(0, cfg.rounds - lin.next_round + 1) for lin in lineages)
+    steps = [
+        "evolve",
+        *(["judge"] if cfg.judge_equal == "teacher" else []),
+        *(["answer"] if cfg.answer else []),
+    ]
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        summary = {}
+    follow, source = 1.0, "every step of every attempt"
+    if summary.get("candidates") and summary.get("requests") and len(steps) > 1:
+        per_attempt = summary["requests"] / summary["candidates"]
+        follow = min(1.0, max(0.0, (per_attempt - 1) / (len(steps) - 1)))
+        source = f"{per_attempt:.2f} requests per decided attempt (observed)"
+    counter = TokenCounter(cfg.teacher.model, cfg.teacher.backend)
+    decoding = evolve_decoding(cfg)
+    chat = cfg.teacher.api == "chat"
+    picked = random.Random(f"{cfg.seed}:plan").sample(lineages, min(sample, len(lineages)))
+    plans: list[StagePlan] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="selfinstruct-plan-") as scratch,
+        _scratch_context(cfg, Path(scratch), [], decoding, ["evolve"], DurableJournal) as ctx,
+    ):
+        evolver = Evolver(ctx, [], originals, survivors, tally)
+        for step in steps:
+            prompts, answers = [], []
+            for lin in picked:
+                parent, round_ = lin.parent, min(lin.next_round, cfg.rounds)
+                op = draw_op(cfg.seed, lin.root.id, round_, evolver.ops)
+                request = evolver._request(Attempt(lin, round_, op, step, parent.instruction, parent.input))
+                prompts.append(counter.request(request.messages, request.prompt))
+                if step == "evolve":
+                    shape = {"instruction": parent.instruction, "input": parent.input}
+                    answers.append(
+                        json.dumps(shape) if chat else format_task(parent.instruction, parent.input)
+                    )
+                elif step == "judge":
+                    answers.append(json.dumps({"equal": False}) if chat else " No")
+                else:
+                    answers.append(parent.output)
+            max_tokens = decoding[step]["max_tokens"]
+            expected_c = min(max_tokens, sum(map(counter.count, answers)) / max(1, len(answers)))
+            prompt_mean = sum(prompts) / max(1, len(prompts))
+            n = attempts if step == "evolve" else round(attempts * follow)
+            requests = (attempts if step == "evolve" else 0, n, attempts)
+            seconds = _seconds(cfg.teacher, n, prompt_mean + expected_c, expected_c, {}, latency)
+            note = f"{attempts} attempts to decide; {source}"
+            plans.append(
+                StagePlan(
+                    step,
+                    requests,
+                    prompt_mean,
+                    (expected_c / 2, expected_c, float(max_tokens)),
+                    "expected answer shape",
+                    seconds,
+                    note,
+                )
+            )
+    return _assemble("evolve", cfg, counter, plans, bool(summary))
+
+
+PLANNERS: dict[str, Callable[..., dict[str, Any]]] = {"generate": plan_generate, "evolve": plan_evolve}
 
 
 def print_plan(plan: dict[str, Any], console: Console) -> None:

@@ -84,3 +84,31 @@ def test_run_plan_prints_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     run_plan(PlanConfig(sample=2), "generate", cfg)
     out = capsys.readouterr().out
     assert "alpaca" in out and "total" in out and "tokens counted with" in out
+
+
+def test_plan_evolve_against_a_fake_server_run(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from selfinstruct.evolve import EvolveConfig, run_evolve
+    from selfinstruct.plan import plan_evolve
+    from selfinstruct.testing.responders import EvolveResponder
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(
+            json.dumps({"instruction": t["instruction"], "input": "", "output": t["instances"][0]["output"]})
+            + "\n"
+            for t in small_seed_tasks()[:10]
+        )
+    )
+    with FakeOpenAI(responder=EvolveResponder(seed=1)) as server:
+        teacher = TeacherConfig(model="fake-model", base_url=[server.url], api_key_env="", concurrency=4)
+        cfg = EvolveConfig(input=str(inp), out=str(tmp_path / "run"), teacher=teacher, rounds=2)
+        plan = plan_evolve(cfg, sample=10)
+        assert [s["stage"] for s in plan["stages"]] == ["evolve", "judge", "answer"]
+        assert plan["stages"][0]["requests"]["expected"] == 20  # 10 records × 2 rounds
+        assert run_evolve(cfg, console=Console(stderr=True, quiet=True)) == 0
+    measured = used(tmp_path / "run")
+    t = plan["total"]["tokens"]
+    assert t["low"] <= measured <= t["high"]
+    assert abs(t["expected"] - measured) / measured < 0.3, (t, measured)  # measured here: -19%
