@@ -90,6 +90,16 @@ def test_failed_batch_lines_are_retried_and_alpaca_rounds_batch(seeds: Path, tmp
         assert server.batch_creations >= 3
 
 
+def test_batch_api_with_the_in_process_engine_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from selfinstruct.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--teacher", "vllm", "--model", "x", "--batch-api"])
+    assert (
+        exit_.value.code == 2 and "--batch-api needs the OpenAI-compatible teacher" in capsys.readouterr().err
+    )
+
+
 def test_a_server_without_batches_is_a_one_line_error(seeds: Path, tmp_path: Path) -> None:
     with (
         FakeOpenAI(PipelineResponder(seed=4), models=[MODEL], batch_api=False) as server,

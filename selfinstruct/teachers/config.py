@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from selfinstruct.config import Section
 
@@ -99,6 +99,12 @@ class TeacherConfig(Section):
         description="vllm: quantization method (awq, gptq, fp8, …; none = from the checkpoint)",
         json_schema_extra={"flag": "--teacher-quantization"},
     )
+
+    @model_validator(mode="after")
+    def _batch_needs_http(self) -> TeacherConfig:
+        if self.batch_api and self.backend != "openai":
+            raise ValueError("--batch-api needs the OpenAI-compatible teacher (--teacher openai)")
+        return self
 
     @field_validator("base_url", mode="before")
     @classmethod
