@@ -188,8 +188,7 @@ def _seconds(
 
 
 def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[str, Any]:
-    """The plan of `selfinstruct generate` with `cfg`, as a JSON-ready dict."""
-    from selfinstruct.generate import GenerateConfig  # noqa: F401 - the type `cfg` is
+    """The plan of `selfinstruct generate` with `cfg` (a `GenerateConfig`), as a JSON-ready dict."""
     from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, INSTRUCTIONS, resolve_decoding
     from selfinstruct.seeds import load_tasks_any
 
@@ -236,7 +235,7 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
             # after a growing stage of this same run, every instruction it is to keep gets an answer
             grows = any(s in growing for s in cfg.chosen_stages())
             todo = max(0, (max(kept, cfg.num_instructions) if grows else kept) - done)
-            if shard is not None:
+            if shard is not None and not grows:  # a sharded bootstrap answers all of its own records
                 todo = math.ceil(todo / shard.count)
             requests = (todo, todo, todo)
             note = f"{todo} instructions without a {stage} answer"
