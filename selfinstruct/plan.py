@@ -238,7 +238,7 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
             if shard is not None and not grows:  # a sharded bootstrap answers all of its own records
                 todo = math.ceil(todo / shard.count)
             requests = (todo, todo, todo)
-            note = f"{todo} instructions without a {stage} answer"
+            note = f"{todo} instructions to answer"
         if seen.get("requests") and seen.get("completion_tokens"):
             expected_c = seen["completion_tokens"] / seen["requests"]
             source_c = "observed"
@@ -581,5 +581,5 @@ def run_plan(own: PlanConfig, name: str = "generate", cfg: Any = None) -> dict[s
     if own.as_json:
         print(json.dumps(plan, indent=2))
     else:
-        print_plan(plan, Console(highlight=False))
+        print_plan(plan, Console(highlight=False, width=max(120, shutil.get_terminal_size().columns)))
     return plan
