@@ -331,6 +331,7 @@ class _Rater(NeedsEveryAnswer):
         from selfinstruct.teachers.base import Sampling
 
         self.scorer, self.teacher, self.template, self.budget = scorer, teacher, template, budget
+        self.records = dict(todo)
         self.todo = deque(todo.items())
         self.retried: set[str] = set()
         schema = JUDGE_SCHEMA if scorer == "judge" else DEITA_SCHEMA
@@ -367,17 +368,19 @@ class _Rater(NeedsEveryAnswer):
             messages, _ = self.template.render(
                 instruction=r.instruction, input=r.input.strip() or "(none)", output=r.output
             )
-            out.append(TeacherRequest(messages=messages, sampling=self._sampling(rid), tag=(rid, r)))
+            out.append(TeacherRequest(messages=messages, sampling=self._sampling(rid), tag=rid))
         return out or None
 
     def handle(self, responses: list[Any]) -> None:
         lines = []
         for response in responses:
-            rid, r = response.request.tag
+            rid = response.request.tag  # a plain id: --batch-api journals tags to resume a batch
+            if rid not in self.records:
+                continue  # a resumed batch's answer about a record this run does not score
             if response.error is not None:
                 if rid not in self.retried:
                     self.retried.add(rid)
-                    self.todo.append((rid, r))
+                    self.todo.append((rid, self.records[rid]))
                 continue
             text = response.choices[0].text if response.choices else ""
             values = parse_rating(self.scorer, text)
@@ -393,7 +396,11 @@ class _Rater(NeedsEveryAnswer):
         self.advance(len(responses))
 
 
-async def _rate_all(teacher: Any, raters: list[_Rater], own: bool, stop: asyncio.Event) -> bool:
+async def _rate_all(
+    teacher: Any, raters: list[_Rater], own: bool, stop: asyncio.Event, scope: Any = None
+) -> bool:
+    """Rate with the teacher: requests in flight (`drive`), or Batch API jobs when `scope` is given."""
+    from selfinstruct.pipeline.batch import run_batches
     from selfinstruct.pipeline.runner import drive
 
     loop = asyncio.get_running_loop()
@@ -407,7 +414,10 @@ async def _rate_all(teacher: Any, raters: list[_Rater], own: bool, stop: asyncio
             await teacher.start()
         slots = 1 if teacher.cfg.backend == "vllm" else teacher.concurrency
         for rater in raters:
-            if not await drive(teacher, rater, slots, stop):
+            if scope is not None:
+                if not await run_batches(scope, rater.scorer, rater):
+                    return False
+            elif not await drive(teacher, rater, slots, stop):
                 return False
         return True
     finally:
@@ -695,8 +705,13 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
     journal = Journal(run, [SCORES])
     cache.sink = lambda lines: journal.append(SCORES, lines)
     stop = asyncio.Event()
+    scope = None
+    if cfg.teacher.batch_api:
+        from selfinstruct.pipeline.batch import BatchScope
+
+        scope = BatchScope(run, the_teacher, journal, stop, cfg.teacher.batch_poll)
     try:
-        completed = asyncio.run(_rate_all(the_teacher, raters, own, stop))
+        completed = asyncio.run(_rate_all(the_teacher, raters, own, stop, scope))
     finally:
         journal.close()
         atomic_write_json(state_path, {"usage": vars(budget.total())})

@@ -186,3 +186,29 @@ def test_a_batch_created_but_not_journaled_is_found_by_its_label(seeds: Path, tm
         assert server.batch_creations == 1  # found by label, not created again
     assert len(lines(out / "classification.jsonl")) == 20
     assert [line["event"] for line in lines(log)] == ["prepared", "submitted", "finished"]
+
+
+def test_select_judge_goes_as_one_batch_with_the_direct_scores(tmp_path: Path) -> None:
+    import random
+
+    from selfinstruct.select import SelectConfig, select
+    from selfinstruct.testing.raters import RatingResponder
+
+    responder, rng = PipelineResponder(7), random.Random(5)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(responder._task(rng)) + "\n" for _ in range(25)))
+    with FakeOpenAI(responder=RatingResponder(), models=[MODEL]) as server:
+
+        def cfg(out: str, batch: bool) -> SelectConfig:
+            teacher = TeacherConfig(
+                model=MODEL, base_url=[server.url], api_key_env="", batch_api=batch, batch_poll=0.05
+            )
+            return SelectConfig(
+                input=str(corpus), out=str(tmp_path / out), n=8, score=["judge"], teacher=teacher
+            )
+
+        direct = select(cfg("direct", False))
+        batched = select(cfg("batched", True))
+        assert server.batch_creations == 1
+    assert lines(tmp_path / "batched" / "selected.jsonl") == lines(tmp_path / "direct" / "selected.jsonl")
+    assert batched["teacher_usage"]["cost"] == pytest.approx(direct["teacher_usage"]["cost"] / 2, rel=0.01)

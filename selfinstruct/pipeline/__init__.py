@@ -302,9 +302,9 @@ async def run_stage(ctx: RunContext, stage: str, source: Any) -> bool:
     wall, cpu = time.monotonic(), time.process_time()
     try:
         if getattr(getattr(ctx.cfg, "teacher", None), "batch_api", False):
-            from selfinstruct.pipeline.batch import run_batches
+            from selfinstruct.pipeline.batch import BatchScope, run_batches
 
-            completed = await run_batches(ctx, stage, source)
+            completed = await run_batches(BatchScope.of(ctx, stage), stage, source)
         else:
             completed = await drive(ctx.teacher, source, ctx.slots, ctx.stop)
     finally:

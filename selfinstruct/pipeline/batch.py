@@ -21,12 +21,14 @@ import asyncio
 import json
 import uuid
 from collections import deque
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from selfinstruct.errors import UserError
 from selfinstruct.pipeline import RunContext, read_keyed
-from selfinstruct.store import JsonlWriter, atomic_write_text, read_jsonl
+from selfinstruct.pipeline.runner import Journal
+from selfinstruct.store import JsonlWriter, RunDir, atomic_write_text, read_jsonl
 from selfinstruct.teachers.base import Sampling, TeacherRequest, TeacherResponse
 
 BATCHES = "batches.jsonl"
@@ -34,11 +36,38 @@ BATCH_DIR = "batches"
 ENDED = {"completed", "failed", "expired", "cancelled"}
 
 
+@dataclass
+class BatchScope:
+    """What batching needs from the command running a stage: its run directory and journal (answers must be
+    durable before a batch counts as finished), the teacher, the stop event, the poll interval, and where to
+    show a batch's progress."""
+
+    run: RunDir
+    teacher: Any
+    journal: Journal
+    stop: asyncio.Event
+    poll: float
+    info: dict[str, Any] = field(default_factory=dict)
+    on_tick: Callable[[], None] = lambda: None
+
+    @classmethod
+    def of(cls, ctx: RunContext, stage: str) -> BatchScope:
+        return cls(
+            ctx.run,
+            ctx.teacher,
+            ctx.journal,
+            ctx.stop,
+            ctx.cfg.teacher.batch_poll,
+            ctx.stats[stage].extra,
+            lambda: ctx.on_tick(stage),
+        )
+
+
 class BatchLog:
     """`batches.jsonl`: prepared / submitted / finished lines, appended with an fsync each."""
 
-    def __init__(self, ctx: RunContext):
-        self.path = ctx.run / BATCHES
+    def __init__(self, scope: BatchScope):
+        self.path = scope.run / BATCHES
 
     def unfinished(self, stage: str) -> list[dict[str, Any]]:
         """Batches of `stage` prepared but not finished, in order, with their id when one was journaled."""
@@ -75,7 +104,7 @@ def _decode(data: dict[str, Any]) -> TeacherRequest | None:
     return TeacherRequest(data["messages"], data["prompt"], Sampling(**data["sampling"]), data["tag"])
 
 
-async def run_batches(ctx: RunContext, stage: str, source: Any) -> bool:
+async def run_batches(ctx: BatchScope, stage: str, source: Any) -> bool:
     """Drive `source` (the same object `drive` takes) through batches; False when stopped (Ctrl-C)."""
     if not hasattr(ctx.teacher, "submit_batch"):
         raise UserError("--batch-api needs the OpenAI-compatible teacher (--teacher openai)")
@@ -102,7 +131,7 @@ async def run_batches(ctx: RunContext, stage: str, source: Any) -> bool:
 
 
 async def _finish(
-    ctx: RunContext,
+    ctx: BatchScope,
     stage: str,
     source: Any,
     log: BatchLog,
@@ -125,22 +154,20 @@ async def _finish(
             list(requests.values()), list(requests), label
         )
         log.append(stage=stage, label=label, batch_id=batch_id, event="submitted")
-    info = ctx.stats[stage].extra
-    poll = ctx.cfg.teacher.batch_poll
     while True:
         batch = await teacher.batch_status(batch_id)
         counts = batch.request_counts
-        info["batch"] = {
+        ctx.info["batch"] = {
             "id": batch_id,
             "status": batch.status,
             "completed": counts.completed if counts else 0,
             "total": counts.total if counts else len(requests),
         }
-        ctx.on_tick(stage)
+        ctx.on_tick()
         if batch.status in ENDED:
             break
         try:
-            await asyncio.wait_for(ctx.stop.wait(), timeout=poll)
+            await asyncio.wait_for(ctx.stop.wait(), timeout=ctx.poll)
             return False  # stopped: the batch runs on at the provider; a rerun picks it up
         except TimeoutError:
             pass
@@ -158,20 +185,20 @@ async def _finish(
 
 def _still_wanted(source: Any, responses: list[TeacherResponse]) -> list[TeacherResponse]:
     """Per-instruction stages: only answers about instructions still without one (a rerun may hold some)."""
-    output = getattr(source, "output", None)
-    if output is None:
+    output, ctx = getattr(source, "output", None), getattr(source, "ctx", None)
+    if output is None or ctx is None:
         return responses
-    done = read_keyed(source.ctx.run, output)
+    done = read_keyed(ctx.run, output)
     return [r for r in responses if r.request.tag[0] not in done]
 
 
 def _dedupe_todo(source: Any) -> None:
     """Drop from a per-instruction stage's to-do list what a resumed batch answered, and repeats (a failed
     answer queues its instruction once more)."""
-    todo = getattr(source, "todo", None)
-    if todo is None:
+    todo, output = getattr(source, "todo", None), getattr(source, "output", None)
+    if todo is None or output is None:
         return
-    done = read_keyed(source.ctx.run, source.output)
+    done = read_keyed(source.ctx.run, output)
     seen: set[str] = set()
     keep = []
     for item in todo:
