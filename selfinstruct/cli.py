@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from selfinstruct import __version__
-from selfinstruct.config import SHARED_TABLES, check_tables, config_to_toml, load_toml, resolve
+from selfinstruct.config import SHARED_TABLES, Section, check_tables, config_to_toml, load_toml, resolve
 from selfinstruct.errors import UserError
 
 
@@ -79,6 +79,14 @@ COMMANDS: dict[str, Command] = {
         "Mix instruction corpora by weight with per-task caps (FLAN-style task mixtures).",
         "selfinstruct.mix:MixConfig:run_mix",
     ),
+    "plan": Command(
+        "Estimate a run before it runs: requests, tokens, cost and time per stage (plan generate FLAGS…).",
+        "selfinstruct.plan:PlanConfig:run_plan",
+    ),
+    "merge": Command(
+        "Merge the run directories of --shard i/N jobs into one run (dedup, novelty re-check, summed summary).",
+        "selfinstruct.merge:MergeConfig:run_merge",
+    ),
     "stats": Command(
         "Corpus statistics with plots and a self-contained HTML report.",
         "selfinstruct.report:StatsConfig:run_stats",
@@ -127,27 +135,40 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command(argv: Sequence[str]) -> tuple[str | None, Section | None, bool]:
+    """(command, resolved config, --print-config) for a command line; (None, None, False) after printing help.
+
+    `selfinstruct plan` also resolves the command line it plans with this."""
     chosen = _chosen_command(argv)
     parser = build_parser(chosen)
     args = vars(parser.parse_args(argv))
     name = args.pop("command", None)
     if name is None:
         parser.print_help()
-        return 2
-    model, func = _load(name)
+        return None, None, False
+    model, _ = _load(name)
     toml_path = args.pop("config", None)
     print_config = args.pop("print_config", False)
     toml_data = None
     if toml_path:
         toml_data = load_toml(toml_path)
         check_tables(toml_data, set(COMMANDS) | set(SHARED_TABLES), toml_path)
-    cfg = resolve(name, model, args, toml_data, toml_path or "config")
+    return name, resolve(name, model, args, toml_data, toml_path or "config"), print_config
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _chosen_command(argv) == "plan":  # its own flags, then a whole command line of the command it plans
+        from selfinstruct.plan import plan_main
+
+        return plan_main(argv[argv.index("plan") + 1 :])
+    name, cfg, print_config = parse_command(argv)
+    if name is None or cfg is None:
+        return 2
     if print_config:
         print(config_to_toml(name, cfg), end="")
         return 0
-    return int(func(cfg) or 0)
+    return int(_load(name)[1](cfg) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -53,6 +53,7 @@ from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_alpaca, load_corpus_any
+from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, TeacherStats, Totals
@@ -144,6 +145,7 @@ class EvolveConfig(Section):
     prompt_dir: str | None = Field(
         None, description="directory with prompt templates overriding the built-in ones (by file name)"
     )
+    shard: ShardSpec = shard_field("lineages (input records, by root id) to evolve")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
 
@@ -761,6 +763,23 @@ class EvolveMonitor(Monitor):
 # ---------------------------------------------------------------- the command
 
 
+def evolve_decoding(cfg: EvolveConfig) -> dict[str, dict[str, Any]]:
+    """Per-step decoding: the defaults with the command's overrides (`selfinstruct plan` reads it too)."""
+    return {
+        "evolve": {
+            **DECODING["evolve"],
+            "temperature": cfg.evolve_temperature,
+            "max_tokens": cfg.evolve_max_tokens,
+        },
+        "judge": {**DECODING["judge"], "max_tokens": cfg.judge_max_tokens},
+        "answer": {
+            **DECODING["answer"],
+            "temperature": cfg.answer_temperature,
+            "max_tokens": cfg.answer_max_tokens,
+        },
+    }
+
+
 def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Console | None = None) -> int:
     """Evolve (or resume evolving) `cfg.input` into `cfg.out`. `teacher`: an already started one (tests).
 
@@ -789,6 +808,8 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
         atomic_write_json(run / STATE, state)
         save_config("evolve", cfg, run / CONFIG)
         lineages, survivors, tally, rejected = restore(run, originals)
+        if (shard := Shard.parse(cfg.shard)) is not None:  # every original stays in the novelty pool
+            lineages = [lin for lin in lineages if shard.owns(lin.root.id)]
         todo = [lin for lin in lineages if lin.next_round <= cfg.rounds]
         own_teacher = teacher is None and bool(todo)
         the_teacher = teacher or (make_teacher(cfg.teacher) if todo else None)
@@ -819,19 +840,7 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
                 stats=teacher_stats,
                 at_start=Totals.of(teacher_stats),
             ),
-            decoding={
-                "evolve": {
-                    **DECODING["evolve"],
-                    "temperature": cfg.evolve_temperature,
-                    "max_tokens": cfg.evolve_max_tokens,
-                },
-                "judge": {**DECODING["judge"], "max_tokens": cfg.judge_max_tokens},
-                "answer": {
-                    **DECODING["answer"],
-                    "temperature": cfg.answer_temperature,
-                    "max_tokens": cfg.answer_max_tokens,
-                },
-            },
+            decoding=evolve_decoding(cfg),
             stats=stats,
         )
         monitor = EvolveMonitor(ctx, state, console, tally, len(lineages))

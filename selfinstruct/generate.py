@@ -40,6 +40,7 @@ from selfinstruct.pipeline import (
 from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.prompts import Prompts
 from selfinstruct.seeds import load_tasks_any
+from selfinstruct.shard import ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import Totals
@@ -130,6 +131,9 @@ class GenerateConfig(Section):
     )
     prompt_dir: str | None = optional(
         "directory with prompt templates overriding the built-in ones (by file name)"
+    )
+    shard: ShardSpec = shard_field(
+        "work: seed tasks the bootstrap/alpaca prompts show, instructions classify/instances answer"
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
@@ -390,6 +394,12 @@ def run_generate(
     identity = _identity(cfg)
     with RunDir(cfg.out) as run:
         state = open_state(run, identity, "a generate run", _mismatch(run, identity))
+        if cfg.shard is not None:  # `merge` counts a copied base run's usage once, not once per shard
+            if state.setdefault("shard", cfg.shard) != cfg.shard:
+                raise UserError(
+                    f"{run.path} holds shard {state['shard']}; --shard {cfg.shard} needs another --out"
+                )
+            state.setdefault("usage_before_shard", dict(state.get("usage", {})))
         state["sessions"] = state.get("sessions", 0) + 1
         atomic_write_json(run / STATE, state)
         save_config("generate", cfg, run / CONFIG)

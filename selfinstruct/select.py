@@ -58,6 +58,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.pipeline.runner import NeedsEveryAnswer
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_rows
+from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import JsonlWriter, RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers.config import TeacherConfig
 
@@ -129,6 +130,9 @@ class SelectConfig(Section):
     max_cost: float | None = optional("judge/deita: stop after this much estimated cost in USD", gt=0)
     prompt_dir: str | None = optional(
         "directory with prompt templates overriding select_judge / select_deita"
+    )
+    shard: ShardSpec = shard_field(
+        "records to score (no selection: `selfinstruct merge` the shards' --out, then select there)"
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge LLM")
 
@@ -327,6 +331,7 @@ class _Rater(NeedsEveryAnswer):
         from selfinstruct.teachers.base import Sampling
 
         self.scorer, self.teacher, self.template, self.budget = scorer, teacher, template, budget
+        self.records = dict(todo)
         self.todo = deque(todo.items())
         self.retried: set[str] = set()
         schema = JUDGE_SCHEMA if scorer == "judge" else DEITA_SCHEMA
@@ -363,17 +368,19 @@ class _Rater(NeedsEveryAnswer):
             messages, _ = self.template.render(
                 instruction=r.instruction, input=r.input.strip() or "(none)", output=r.output
             )
-            out.append(TeacherRequest(messages=messages, sampling=self._sampling(rid), tag=(rid, r)))
+            out.append(TeacherRequest(messages=messages, sampling=self._sampling(rid), tag=rid))
         return out or None
 
     def handle(self, responses: list[Any]) -> None:
         lines = []
         for response in responses:
-            rid, r = response.request.tag
+            rid = response.request.tag  # a plain id: --batch-api journals tags to resume a batch
+            if rid not in self.records:
+                continue  # a resumed batch's answer about a record this run does not score
             if response.error is not None:
                 if rid not in self.retried:
                     self.retried.add(rid)
-                    self.todo.append((rid, r))
+                    self.todo.append((rid, self.records[rid]))
                 continue
             text = response.choices[0].text if response.choices else ""
             values = parse_rating(self.scorer, text)
@@ -389,7 +396,11 @@ class _Rater(NeedsEveryAnswer):
         self.advance(len(responses))
 
 
-async def _rate_all(teacher: Any, raters: list[_Rater], own: bool, stop: asyncio.Event) -> bool:
+async def _rate_all(
+    teacher: Any, raters: list[_Rater], own: bool, stop: asyncio.Event, scope: Any = None
+) -> bool:
+    """Rate with the teacher: requests in flight (`drive`), or Batch API jobs when `scope` is given."""
+    from selfinstruct.pipeline.batch import run_batches
     from selfinstruct.pipeline.runner import drive
 
     loop = asyncio.get_running_loop()
@@ -403,7 +414,10 @@ async def _rate_all(teacher: Any, raters: list[_Rater], own: bool, stop: asyncio
             await teacher.start()
         slots = 1 if teacher.cfg.backend == "vllm" else teacher.concurrency
         for rater in raters:
-            if not await drive(teacher, rater, slots, stop):
+            if scope is not None:
+                if not await run_batches(scope, rater.scorer, rater):
+                    return False
+            elif not await drive(teacher, rater, slots, stop):
                 return False
         return True
     finally:
@@ -513,6 +527,8 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
     records = [r for _, _, r in rows]
     ids = [record_id(r) for r in records]
     unique = dict(zip(ids, records, strict=True))
+    shard = Shard.parse(cfg.shard)
+    to_score = unique if shard is None else {i: r for i, r in unique.items() if shard.owns(i)}
     max_similarity = cfg.max_similarity or DEFAULT_MAX_SIMILARITY.get(cfg.diversity, 1.0)
     templates = {}
     teacher_scorers = [s for s in cfg.score if s in TEACHER_SCORERS]
@@ -537,7 +553,7 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
         writer = JsonlWriter(run / SCORES)
         cache.sink = writer.write
         if local:
-            todo = {s: cache.missing(s, by[s], list(unique)) for s in local}
+            todo = {s: cache.missing(s, by[s], list(to_score)) for s in local}
             tokenizer = model = None
             if cfg.scorer_model and any(todo.values()):
                 tokenizer, model = _load_tokenizer_and_model(
@@ -558,8 +574,22 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
         writer.close()
         if teacher_scorers:
             stop_reason, unparseable = _teacher_scoring(
-                cfg, run, cache, by, unique, templates, teacher_scorers, teacher, progress, emitter
+                cfg, run, cache, by, to_score, templates, teacher_scorers, teacher, progress, emitter
             )
+        if shard is not None:  # a share of the scoring only: the selection needs every record's scores
+            missing = sum(len(cache.missing(s, by[s], list(to_score))) for s in cfg.score)
+            report = {
+                "input": str(src),
+                "shard": str(shard),
+                "scored_records": len(to_score),
+                "unscored": missing,
+                "stop_reason": stop_reason,
+                "complete": stop_reason is None and not missing,
+                "teacher_usage": _usage(run) if teacher_scorers else None,
+                "out": str(out),
+            }
+            run.snapshot(REPORT, report)
+            return report
 
         # combine, exclude, rank, walk
         excluded: dict[str, int] = {}
@@ -675,8 +705,13 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
     journal = Journal(run, [SCORES])
     cache.sink = lambda lines: journal.append(SCORES, lines)
     stop = asyncio.Event()
+    scope = None
+    if cfg.teacher.batch_api:
+        from selfinstruct.pipeline.batch import BatchScope
+
+        scope = BatchScope(run, the_teacher, journal, stop, cfg.teacher.batch_poll)
     try:
-        completed = asyncio.run(_rate_all(the_teacher, raters, own, stop))
+        completed = asyncio.run(_rate_all(the_teacher, raters, own, stop, scope))
     finally:
         journal.close()
         atomic_write_json(state_path, {"usage": vars(budget.total())})
@@ -688,6 +723,12 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
 
 def run_select(cfg: SelectConfig) -> int:
     report = select(cfg)
+    if "shard" in report:
+        print(
+            f"shard {report['shard']}: scored {report['scored_records'] - report['unscored']} of "
+            f"{report['scored_records']} records -> {report['out']}/{SCORES} (merge the shards, then select)"
+        )
+        return 130 if report["stop_reason"] == "interrupted" else 0
     excluded = ", ".join(f"{k} {v}" for k, v in report["excluded"].items()) or "none"
     print(
         f"selected {report['selected']} of {report['records']} records (excluded: {excluded}; "

@@ -22,6 +22,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.pipeline.runner import Budget, Journal, drive
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import SeedTask
+from selfinstruct.shard import Shard
 from selfinstruct.store import RunDir, read_jsonl
 from selfinstruct.teachers.base import Sampling, Teacher, TeacherRequest, TeacherResponse
 
@@ -95,6 +96,8 @@ class StageStats:
     parse_failures: int = 0
     requests: int = 0  # this session
     failed_requests: int = 0  # this session
+    prompt_tokens: int = 0  # this session (`selfinstruct plan` reads the observed usage per stage)
+    completion_tokens: int = 0  # this session
     elapsed_s: float = 0.0  # this session
     cpu_s: float = 0.0  # this session: process CPU time spent in the stage
     finished: bool = False
@@ -109,6 +112,8 @@ class StageStats:
             "parse_failures": self.parse_failures,
             "requests": self.requests,
             "failed_requests": self.failed_requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "elapsed_s": round(self.elapsed_s, 3),
             "cpu_s": round(self.cpu_s, 3),
             "finished": self.finished,
@@ -164,6 +169,8 @@ class RunContext:
         """Count one answer; False for a failed one (its items stay to do). Too many failures in a row abort."""
         stats = self.stats[stage]
         stats.requests += 1
+        stats.prompt_tokens += response.usage.prompt_tokens
+        stats.completion_tokens += response.usage.completion_tokens
         if response.error is None:
             self._failures_in_a_row = 0
             return True
@@ -217,6 +224,20 @@ def read_keyed(run: RunDir, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def owned_records(ctx: RunContext, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`--shard i/N`: the records this job answers. A record a sharded bootstrap grew carries its shard and
+    stays there; any other record goes to the shard its id hashes to."""
+    shard = Shard.parse(getattr(ctx.cfg, "shard", None))
+    if shard is None:
+        return records
+    spec = str(shard)
+    return {
+        i: rec
+        for i, rec in records.items()
+        if (rec.get("meta") or {}).get("shard", spec if shard.owns(i) else None) == spec
+    }
+
+
 class PerInstruction(abc.ABC):
     """A stage that asks the teacher one question about every kept instruction without an answer yet.
 
@@ -230,7 +251,7 @@ class PerInstruction(abc.ABC):
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
-        instructions = read_keyed(ctx.run, INSTRUCTIONS)
+        instructions = owned_records(ctx, read_keyed(ctx.run, INSTRUCTIONS))
         done = read_keyed(ctx.run, self.output)
         self.todo = deque((i, rec["instruction"]) for i, rec in instructions.items() if i not in done)
         self.retried: set[str] = set()
@@ -280,7 +301,12 @@ async def run_stage(ctx: RunContext, stage: str, source: Any) -> bool:
     stats = ctx.stats[stage]
     wall, cpu = time.monotonic(), time.process_time()
     try:
-        completed = await drive(ctx.teacher, source, ctx.slots, ctx.stop)
+        if getattr(getattr(ctx.cfg, "teacher", None), "batch_api", False):
+            from selfinstruct.pipeline.batch import BatchScope, run_batches
+
+            completed = await run_batches(BatchScope.of(ctx, stage), stage, source)
+        else:
+            completed = await drive(ctx.teacher, source, ctx.slots, ctx.stop)
     finally:
         await ctx.journal.aflush()
         stats.elapsed_s += time.monotonic() - wall

@@ -42,7 +42,7 @@ class Alpaca(Growing):
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        self.shown = min(ctx.cfg.alpaca_prompt_tasks, len(ctx.seeds))
+        self.shown = min(ctx.cfg.alpaca_prompt_tasks, len(self.seeds))
 
     @property
     def asked_per_prompt(self) -> int:
@@ -50,7 +50,7 @@ class Alpaca(Growing):
 
     def request(self, round_: int, k: int) -> TeacherRequest:
         ctx, cfg = self.ctx, self.ctx.cfg
-        shown = self.rng.sample(ctx.seeds, self.shown)
+        shown = self.rng.sample(self.seeds, self.shown)
         demos = self.demos(shown) if ctx.chat else []
         messages, prompt = self.template.render(
             demos, tasks=task_list(shown), next=self.shown + 1, count=cfg.alpaca_new_tasks
@@ -70,7 +70,7 @@ class Alpaca(Growing):
 
     def demos(self, shown: list[SeedTask]) -> list[Demo]:
         """One worked example from other seeds: a list of tasks and, as its answer, a few more in JSON."""
-        others = [s for s in self.ctx.seeds if s not in shown]
+        others = [s for s in self.seeds if s not in shown]
         n_answer = min(DEMO_ANSWER, self.ctx.cfg.alpaca_new_tasks, len(others) - self.shown)
         if n_answer < 1:
             return []

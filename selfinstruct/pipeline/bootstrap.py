@@ -19,12 +19,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, CandidateFilter, Decision
 from selfinstruct.parsing import instructions_schema, parse_continued_list, parse_instruction_list
 from selfinstruct.parsing import shown as shown_text
 from selfinstruct.pipeline import INSTRUCTIONS, REJECTED, RunContext, run_stage
 from selfinstruct.prompts import Demo
 from selfinstruct.records import Instance
+from selfinstruct.shard import Shard
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
@@ -62,6 +64,9 @@ class Keeper:
                 self.max_round = max(self.max_round, rec.get("round", 0))
         pool = [s.instruction for s in ctx.seeds] + [text for _, text in self.kept]
         self.filter = CandidateFilter(ctx.cfg.filters, pool=pool)
+        # a shard's ids must not collide with another shard's when `merge` joins them
+        self.shard = Shard.parse(getattr(ctx.cfg, "shard", None))
+        self.id_prefix = f"gen_s{self.shard.index}_" if self.shard else "gen_"
 
     @property
     def count(self) -> int:
@@ -106,7 +111,7 @@ class Keeper:
         return len(kept_records)
 
     def _keep(self, cand: Candidate, decision: Decision, round_: int, meta: dict[str, Any]) -> dict[str, Any]:
-        rec_id = f"gen_{self.count:06d}"
+        rec_id = f"{self.id_prefix}{self.count:06d}"
         self.kept.append((rec_id, cand.instruction))
         # The fields of `InstructionRecord.to_dict()`, built directly: `dataclasses.asdict` deep-copies
         # recursively and cost more than filtering the candidate.
@@ -121,7 +126,7 @@ class Keeper:
             else [{"input": cand.instance.input, "output": cand.instance.output}],
             "most_similar": dict(decision.nearest),
             "avg_similarity": decision.mean_f,
-            "meta": meta,
+            "meta": meta if self.shard is None else {**meta, "shard": str(self.shard)},
         }
 
     def unreadable(self, text: str, reason: str, round_: int, count: int = 1, **meta: Any) -> None:
@@ -171,6 +176,11 @@ class Growing(abc.ABC):
         self.ctx = ctx
         self.keeper = Keeper(ctx, self.stage)
         self.template = ctx.prompts.get(self.stage)
+        # `--shard i/N`: prompts show only this shard's seeds, so N jobs grow N independent pools
+        shard = self.keeper.shard
+        self.seeds = ctx.seeds if shard is None else shard.select(ctx.seeds, key=lambda s: s.id)
+        if not self.seeds:
+            raise UserError(f"--shard {shard}: no seed task falls into this shard; use fewer shards")
         self.rng = random.Random(f"{cfg.seed}:{self.stage}:{self.keeper.count}")
         self.target = cfg.num_instructions
         self.round = self.keeper.max_round + 1
@@ -247,8 +257,8 @@ class Bootstrap(Growing):
         ctx, cfg, rng = self.ctx, self.ctx.cfg, self.rng
         machine = self.keeper.kept
         n_machine = min(cfg.num_machine_in_prompt, len(machine))
-        n_seed = min(cfg.num_prompt_instructions - n_machine, len(ctx.seeds))
-        shown = [(s.id, s.instruction, True) for s in rng.sample(ctx.seeds, n_seed)]
+        n_seed = min(cfg.num_prompt_instructions - n_machine, len(self.seeds))
+        shown = [(s.id, s.instruction, True) for s in rng.sample(self.seeds, n_seed)]
         shown += [(i, text, False) for i, text in rng.sample(machine, n_machine)]
         rng.shuffle(shown)
         tasks = numbered(shown_text(text) for _, text, _ in shown)
@@ -278,7 +288,7 @@ class Bootstrap(Growing):
         """One worked example from seeds not shown in this prompt: a shorter list and, as its answer,
         `new_per_prompt` other seed instructions in the JSON shape the parser reads."""
         cfg, taken = self.ctx.cfg, {i for i, _, _ in shown}
-        others = [shown_text(s.instruction) for s in self.ctx.seeds if s.id not in taken]
+        others = [shown_text(s.instruction) for s in self.seeds if s.id not in taken]
         n_list = min(DEMO_LIST, len(others) // 2)
         n_answer = min(cfg.new_per_prompt, len(others) - n_list)
         if n_list < 1 or n_answer < 1:

@@ -17,7 +17,15 @@ from collections import Counter
 from typing import Any
 
 from selfinstruct.filters.heuristics import Repetitive
-from selfinstruct.pipeline import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, RunContext, read_keyed
+from selfinstruct.pipeline import (
+    CLASSIFICATION,
+    CORPUS,
+    INSTANCES,
+    INSTRUCTIONS,
+    RunContext,
+    owned_records,
+    read_keyed,
+)
 from selfinstruct.records import CorpusRecord, Instance
 from selfinstruct.store import atomic_write_text
 
@@ -63,7 +71,7 @@ def clean_instances(
 
 async def run(ctx: RunContext) -> None:
     cfg, stats = ctx.cfg, ctx.stats["finetune"]
-    instructions = read_keyed(ctx.run, INSTRUCTIONS)
+    instructions = owned_records(ctx, read_keyed(ctx.run, INSTRUCTIONS))  # --shard: this job's share
     labels = read_keyed(ctx.run, CLASSIFICATION)
     generated = read_keyed(ctx.run, INSTANCES) if cfg.pipeline == "self-instruct" else {}
     dropped: Counter[str] = Counter()

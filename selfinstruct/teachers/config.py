@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from selfinstruct.config import Section
 
@@ -65,6 +65,14 @@ class TeacherConfig(Section):
         ge=0,
         description="USD per 1M completion tokens (default: built-in table for known OpenAI models)",
     )
+    batch_api: bool = Field(
+        False,
+        description="openai: send stages whose requests are independent (classify, instances, alpaca rounds) "
+        "as Batch API jobs at half price; results within 24 h; rerunning resumes the journaled batch",
+    )
+    batch_poll: float = Field(
+        30.0, gt=0, description="openai --batch-api: seconds between batch status checks"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
     dtype: str = Field(
         "auto",
@@ -91,6 +99,12 @@ class TeacherConfig(Section):
         description="vllm: quantization method (awq, gptq, fp8, …; none = from the checkpoint)",
         json_schema_extra={"flag": "--teacher-quantization"},
     )
+
+    @model_validator(mode="after")
+    def _batch_needs_http(self) -> TeacherConfig:
+        if self.batch_api and self.backend != "openai":
+            raise ValueError("--batch-api needs the OpenAI-compatible teacher (--teacher openai)")
+        return self
 
     @field_validator("base_url", mode="before")
     @classmethod

@@ -35,12 +35,14 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import openai
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 
 from selfinstruct.errors import UserError
 from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, Usage
@@ -55,6 +57,8 @@ MAX_BACKOFF = 60.0
 PROBE_TIMEOUT = 60.0
 MAX_RETRY_AFTER = 600.0  # a server asking for longer is treated as asking for 10 minutes
 DOWN_AFTER_FAILURES = 2  # consecutive failures before an endpoint is skipped
+BATCH_DISCOUNT = 0.5  # the Batch API bills half the synchronous price
+BATCH_LABEL = "selfinstruct_batch"  # metadata key naming the run's batch, to find it again after a restart
 NO_KEY = "no-key"  # sent to local servers that need none; the SDK insists on some key
 
 
@@ -437,8 +441,8 @@ class OpenAITeacher(Teacher):
         reasons = "; ".join(f"{e.url}: {e.last_error or 'unreachable'}" for e in self._endpoints)
         return f"every teacher endpoint keeps failing after {self.cfg.max_retries} retries: {reasons}"
 
-    def _account(self, response: TeacherResponse) -> TeacherResponse:
-        response.cost = cost(response.usage, self.prices)
+    def _account(self, response: TeacherResponse, discount: float = 1.0) -> TeacherResponse:
+        response.cost = cost(response.usage, self.prices) * discount
         s = self.stats
         s.requests += 1
         s.prompt_tokens += response.usage.prompt_tokens
@@ -450,48 +454,56 @@ class OpenAITeacher(Teacher):
         return text.replace(self._secret, "***") if self._secret else text
 
     # -- one HTTP call -------------------------------------------------------------------------------------
-    async def _call(
-        self, ep: _Endpoint, request: TeacherRequest, structured: bool, timeout: float | None = None
-    ) -> tuple[list[Choice], Usage]:
+    def _body(self, ep: _Endpoint, request: TeacherRequest, structured: bool) -> dict[str, Any]:
+        """The JSON body of one generation request (the same for a direct call and a Batch API line)."""
         s = request.sampling
-        args: dict[str, Any] = {
-            "model": self.model,
-            "n": s.n,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-        }
+        body: dict[str, Any] = {"model": self.model, "n": s.n, "temperature": s.temperature, "top_p": s.top_p}
         # Penalties only when set: some models (OpenAI reasoning models) reject even the default values.
         if s.presence_penalty:
-            args["presence_penalty"] = s.presence_penalty
+            body["presence_penalty"] = s.presence_penalty
         if s.frequency_penalty:
-            args["frequency_penalty"] = s.frequency_penalty
+            body["frequency_penalty"] = s.frequency_penalty
         if s.stop:
-            args["stop"] = s.stop
+            body["stop"] = s.stop
         if s.seed is not None and self._send_seeds:
-            args["seed"] = s.seed
-        if timeout is not None:
-            args["timeout"] = timeout
-        response_format = (
-            {
+            body["seed"] = s.seed
+        if request.messages is not None:
+            body["messages"] = request.messages
+            body["max_completion_tokens" if ep.official else "max_tokens"] = s.max_tokens
+        else:
+            body["prompt"] = request.prompt
+            body["max_tokens"] = s.max_tokens
+        if structured:
+            body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": s.json_schema, "strict": True},
             }
-            if structured
-            else None
-        )
+        return body
+
+    async def _call(
+        self, ep: _Endpoint, request: TeacherRequest, structured: bool, timeout: float | None = None
+    ) -> tuple[list[Choice], Usage]:
+        args = self._body(ep, request, structured)
+        if timeout is not None:
+            args["timeout"] = timeout
         if request.messages is not None:
-            args["max_completion_tokens" if ep.official else "max_tokens"] = s.max_tokens
-            if response_format:
-                args["response_format"] = response_format
-            out = await ep.client.chat.completions.create(messages=request.messages, **args)  # type: ignore[arg-type]
+            out: Any = await ep.client.chat.completions.create(**args)
+        else:
+            response_format = args.pop("response_format", None)
+            if response_format:  # not in the legacy API's signature; vLLM and others accept it
+                args["extra_body"] = {"response_format": response_format}
+            out = await ep.client.completions.create(**args)
+        return self._parse(out, request)
+
+    def _parse(self, out: Any, request: TeacherRequest) -> tuple[list[Choice], Usage]:
+        """Choices and usage of a chat or legacy completion object."""
+        s = request.sampling
+        if request.messages is not None:
             raw = [
                 (c.index, c.message.content if c.message else None, c.finish_reason)
                 for c in out.choices or []
             ]
         else:
-            if response_format:  # not in the legacy API's signature; vLLM and others accept it
-                args["extra_body"] = {"response_format": response_format}
-            out = await ep.client.completions.create(prompt=request.prompt, max_tokens=s.max_tokens, **args)
             raw = [(c.index, c.text, c.finish_reason) for c in out.choices or []]
         if not raw:
             raise _BadBody("no choices")
@@ -503,3 +515,119 @@ class OpenAITeacher(Teacher):
                 estimate_tokens(request) - s.max_tokens * s.n, sum(len(c.text) // 4 for c in choices)
             )
         return choices, usage
+
+    # -- Batch API -----------------------------------------------------------------------------------------
+    # Half price for answers within 24 h: a stage whose requests do not depend on each other's answers uploads
+    # them as one JSONL file, creates a batch, polls it and downloads the output and error files. Batches go to
+    # the first base URL (a fleet of local servers has no Batch API; OpenAI's is one endpoint).
+
+    async def submit_batch(
+        self, requests: Sequence[TeacherRequest], custom_ids: Sequence[str], label: str
+    ) -> str:
+        """Upload `requests` (one line each, under its custom id) and create a batch; returns the batch id.
+
+        `label` is put into the batch's metadata, so a restart that lost the id can find it (`find_batch`)."""
+        ep = self._endpoints[0]
+        url = "/v1/chat/completions" if self.cfg.api == "chat" else "/v1/completions"
+        lines = [
+            json.dumps(
+                {
+                    "custom_id": cid,
+                    "method": "POST",
+                    "url": url,
+                    "body": self._body(ep, r, self._structured(r)),
+                },
+                ensure_ascii=False,
+            )
+            for cid, r in zip(custom_ids, requests, strict=True)
+        ]
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        file = await self._batch_call(
+            lambda: ep.client.files.create(
+                file=(f"{label}.jsonl", data, "application/jsonl"), purpose="batch"
+            )
+        )
+        batch = await self._batch_call(
+            lambda: ep.client.batches.create(
+                input_file_id=file.id,
+                endpoint=url,  # type: ignore[arg-type]
+                completion_window="24h",
+                metadata={BATCH_LABEL: label},
+            )
+        )
+        return batch.id
+
+    async def find_batch(self, label: str) -> str | None:
+        """The id of a recent batch created with `label`, if the provider has one."""
+        ep = self._endpoints[0]
+        page = await self._batch_call(lambda: ep.client.batches.list(limit=100))
+        for batch in page.data:
+            if (batch.metadata or {}).get(BATCH_LABEL) == label:
+                return batch.id
+        return None
+
+    async def batch_status(self, batch_id: str) -> Any:
+        """The provider's batch object (`status`, `request_counts`, `output_file_id`, `error_file_id`)."""
+        ep = self._endpoints[0]
+        return await self._batch_call(lambda: ep.client.batches.retrieve(batch_id))
+
+    async def batch_results(self, batch: Any, requests: dict[str, TeacherRequest]) -> list[TeacherResponse]:
+        """Responses for the lines of a finished batch's output and error files (custom id -> request)."""
+        ep = self._endpoints[0]
+        out: list[TeacherResponse] = []
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await self._batch_call(lambda fid=file_id: ep.client.files.content(fid))
+            for line in content.text.splitlines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                request = requests.get(item.get("custom_id"))
+                if request is not None:
+                    out.append(self._batch_response(request, item))
+        return out
+
+    def _structured(self, request: TeacherRequest) -> bool:
+        return (
+            request.sampling.json_schema is not None
+            and self.cfg.structured_output
+            and self.structured_supported
+        )
+
+    def _batch_response(self, request: TeacherRequest, item: dict[str, Any]) -> TeacherResponse:
+        response = item.get("response") or {}
+        body = response.get("body") or {}
+        status = response.get("status_code")
+        if status == 200 and not item.get("error"):
+            parsed_type: Any = ChatCompletion if request.messages is not None else Completion
+            try:
+                choices, usage = self._parse(parsed_type.model_validate(body), request)
+            except (ValueError, _BadBody) as exc:  # pydantic's ValidationError is a ValueError
+                problem = f"unparseable answer ({exc})"
+            else:
+                answer = TeacherResponse(request, choices, usage, structured=self._structured(request))
+                return self._account(answer, BATCH_DISCOUNT)
+        else:
+            error = item.get("error") or (body.get("error") if isinstance(body, dict) else None) or {}
+            problem = f"HTTP {status}: {error.get('message') or error}"
+        self.stats.requests += 1
+        self.stats.failed_requests += 1
+        self.stats.errors_by_kind["batch"] = self.stats.errors_by_kind.get("batch", 0) + 1
+        return TeacherResponse(request, error=self._redact(f"batch request failed: {problem}"))
+
+    async def _batch_call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """One Files/Batches API call, retried like a generation request; anything else stops the run."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                failure = _classify(exc)
+            if failure.fatal or not failure.retryable or attempt >= self.cfg.max_retries:
+                raise UserError(self._redact(f"Batch API at {self._endpoints[0].url}: {failure.message}"))
+            attempt += 1
+            self.stats.retries += 1
+            await asyncio.sleep(
+                failure.retry_after or min(MAX_BACKOFF, self.cfg.backoff * 2 ** (attempt - 1))
+            )

@@ -6,6 +6,11 @@ by the next scripted `Reply` in the queue, else by the responder callback, else 
 can inject the faults a real provider produces: 429 with Retry-After, 5xx, slow answers, empty or truncated
 bodies, `finish_reason="length"`, garbage, a 400 for `response_format`, a 404 for an unknown model.
 
+It also speaks the Files and Batches APIs (`/v1/files`, `/v1/files/{id}/content`, `/v1/batches`,
+`/v1/batches/{id}`): a batch stays `in_progress` for `batch_delay` seconds, then its lines are answered like
+direct requests (responder, script, faults) into an output file (status 200) and an error file (the rest).
+`batch_creations` counts created batches, so a test can tell a resumed batch from a resubmitted one.
+
 One thread per connection (stdlib `ThreadingHTTPServer`): a fixed latency sleeps only its own connection, so
 hundreds of concurrent requests are served in parallel.
 """
@@ -15,6 +20,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import email.parser
+import email.policy
 import json
 import random
 import socket
@@ -116,6 +123,8 @@ class FakeOpenAI:
         models: Iterable[str] = ("fake-model",),
         reject_response_format: bool = False,
         owned_by: str = "fake",
+        batch_delay: float = 0.0,
+        batch_api: bool = True,
     ):
         """`owned_by`: what `/models` says owns the models ("vllm" poses as a vLLM server)."""
         self.responder = responder
@@ -123,6 +132,11 @@ class FakeOpenAI:
         self.models = list(models)
         self.reject_response_format = reject_response_format
         self.owned_by = owned_by
+        self.batch_delay = batch_delay
+        self.batch_api = batch_api  # False: 404 on the Files/Batches routes, as `vllm serve` answers
+        self.files: dict[str, tuple[str, bytes]] = {}  # id -> (filename, content)
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_creations = 0
         self.requests: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -195,6 +209,8 @@ class FakeOpenAI:
         return reply
 
     def _answer(self, path: str, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        if path.startswith(("/v1/files", "/v1/batches")):
+            return self._batch_api(path, request) if self.batch_api else _error(404, f"no route {path}", None)
         if path == "/v1/models":
             data = [
                 {"id": m, "object": "model", "created": 0, "owned_by": self.owned_by} for m in self.models
@@ -216,6 +232,125 @@ class FakeOpenAI:
         if reply.body is not None:
             return 200, reply.headers, reply.body
         return 200, reply.headers, json.dumps(_completion(path, request, reply)).encode()
+
+    # -- Files and Batches APIs ------------------------------------------------------------------------------
+    def _batch_api(self, path: str, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        parts = path.strip("/").split("/")[1:]  # ["files"], ["files", id, "content"], ["batches", id]
+        if parts == ["files"] and "_multipart" in request:
+            filename, content = request["_multipart"].get("file", ("", b""))
+            purpose = request["_multipart"].get("purpose", ("", b""))[1].decode()
+            file_id = f"file-{random.getrandbits(48):012x}"
+            with self._lock:
+                self.files[file_id] = (filename, content)
+            return _ok(_file_object(file_id, filename, len(content), purpose))
+        if len(parts) == 3 and parts[0] == "files" and parts[2] == "content":
+            with self._lock:
+                found = self.files.get(parts[1])
+            return (200, {}, found[1]) if found else _error(404, f"No such File object: {parts[1]}", None)
+        if parts == ["batches"] and request:  # POST: create
+            with self._lock:
+                if request.get("input_file_id") not in self.files:
+                    return _error(400, f"input file {request.get('input_file_id')} not found", None)
+                batch_id = f"batch_{random.getrandbits(48):012x}"
+                self.batch_creations += 1
+                self.batches[batch_id] = {
+                    "id": batch_id,
+                    "object": "batch",
+                    "endpoint": request.get("endpoint"),
+                    "input_file_id": request["input_file_id"],
+                    "completion_window": request.get("completion_window", "24h"),
+                    "status": "in_progress",
+                    "created_at": int(time.time()),
+                    "metadata": request.get("metadata"),
+                    "output_file_id": None,
+                    "error_file_id": None,
+                    "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                    "_ready_at": time.monotonic() + self.batch_delay,
+                }
+            return self._batch_object(batch_id)
+        if parts == ["batches"]:  # GET: list
+            with self._lock:
+                ids = list(self.batches)[::-1]
+            data = [json.loads(self._batch_object(i)[2]) for i in ids]
+            return _ok({"object": "list", "data": data, "has_more": False})
+        if len(parts) == 2 and parts[0] == "batches":
+            with self._lock:
+                batch = self.batches.get(parts[1])
+                run_now = batch is not None and batch["status"] == "in_progress"
+                run_now = run_now and time.monotonic() >= batch["_ready_at"]
+                if run_now:
+                    batch["status"] = "finalizing"  # one request runs it; concurrent polls see it finalizing
+            if batch is None:
+                return _error(404, f"No such batch: {parts[1]}", None)
+            if run_now:
+                self._run_batch(batch)
+            return self._batch_object(parts[1])
+        return _error(404, f"no route {path}", None)
+
+    def _run_batch(self, batch: dict[str, Any]) -> None:
+        """Answer every line as a direct request; 200s go to the output file, the rest to the error file."""
+        _, content = self.files[batch["input_file_id"]]
+        done, failed = [], []
+        for raw in content.decode("utf-8").splitlines():
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            with self._lock:
+                self.requests.append(Received(line["url"], line["body"], {}, time.monotonic()))
+            status, _, body = self._answer(line["url"], line["body"])
+            result = {
+                "id": f"batch_req_{random.getrandbits(48):012x}",
+                "custom_id": line["custom_id"],
+                "response": {"status_code": status, "request_id": "fake", "body": json.loads(body)},
+                "error": None,
+            }
+            (done if status == 200 else failed).append(json.dumps(result))
+        with self._lock:
+            for key, lines in (("output_file_id", done), ("error_file_id", failed)):
+                if lines:
+                    file_id = f"file-{random.getrandbits(48):012x}"
+                    self.files[file_id] = (f"{key}.jsonl", ("\n".join(lines) + "\n").encode())
+                    batch[key] = file_id
+            batch["request_counts"] = {
+                "total": len(done) + len(failed),
+                "completed": len(done),
+                "failed": len(failed),
+            }
+            batch["status"] = "completed"
+            batch["completed_at"] = int(time.time())
+
+    def _batch_object(self, batch_id: str) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            batch = {k: v for k, v in self.batches[batch_id].items() if not k.startswith("_")}
+        return _ok(batch)
+
+
+def _file_object(file_id: str, filename: str, size: int, purpose: str) -> dict[str, Any]:
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": int(time.time()),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+    }
+
+
+def _ok(obj: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    return 200, {}, json.dumps(obj).encode()
+
+
+def _parse_multipart(content_type: str, raw: bytes) -> dict[str, tuple[str, bytes]]:
+    """Form fields of a multipart/form-data body: name -> (filename, content)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        fields[str(name)] = (part.get_filename() or "", part.get_payload(decode=True) or b"")
+    return fields
 
 
 def _default_text(request: dict[str, Any]) -> str:
@@ -314,6 +449,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if len(raw) < length:  # the client hung up mid-request (cancelled): nothing was asked
+            return
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.startswith("multipart/form-data"):
+            self._handle({"_multipart": _parse_multipart(content_type, raw)})
             return
         try:
             request = json.loads(raw) if raw else {}
