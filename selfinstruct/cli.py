@@ -39,6 +39,10 @@ COMMANDS: dict[str, Command] = {
         "Synthesize instructions without seeds: an aligned chat model writes the queries itself (Magpie).",
         "selfinstruct.magpie:MagpieConfig:run_magpie",
     ),
+    "prefs": Command(
+        "Preference pairs for DPO: policies answer each prompt, a judge grades them, best vs worse is kept.",
+        "selfinstruct.prefs:PrefsConfig:run_prefs",
+    ),
     "filter": Command(
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",
@@ -56,7 +60,7 @@ COMMANDS: dict[str, Command] = {
         "selfinstruct.export:ExportConfig:run_export",
     ),
     "train": Command(
-        "Fine-tune a model on a corpus with TRL's SFTTrainer (full, LoRA, QLoRA).",
+        "Fine-tune a model on a corpus (TRL SFTTrainer) or on preference pairs (--method dpo); full, LoRA, QLoRA.",
         "selfinstruct.train:TrainConfig:run_train",
     ),
     "evaluate": Command(
