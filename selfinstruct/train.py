@@ -1,4 +1,4 @@
-"""`selfinstruct train`: supervised fine-tuning on a corpus with TRL's `SFTTrainer` (full, LoRA or QLoRA).
+"""`selfinstruct train`: supervised fine-tuning on a corpus with TRL's `SFTTrainer` (full, LoRA or QLoRA), or DPO.
 
 The loss is instruction tuning as the seeds define it: the log-likelihood of the response (and its end-of-turn
 token) given the instruction and input. Every record therefore becomes a prompt/completion pair and TRL's
@@ -16,6 +16,9 @@ but with sdpa/eager it multiplies the attention work by the number of rows, so t
 (`PackedRowCollator`). Before training, `check_packing` runs the real model and collator on one sample packed
 after two different row-mates and alone; if its logits depend on its row-mate, training is refused instead of
 silently learning across samples.
+
+`--method dpo` trains on preference pairs (`selfinstruct prefs`' prefs.jsonl) with TRL's `DPOTrainer` instead,
+with the same model, LoRA/QLoRA, precision, accelerate and resume options (`build_dpo_trainer`).
 
 Rerunning on the same `--out` resumes from its last checkpoint (`checkpoint-N/`, written by the Trainer with
 optimizer and scheduler state). The final model or adapter, its tokenizer, the resolved config
