@@ -46,7 +46,9 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def judge(url: str, **extra: Any) -> TeacherConfig:
-    return TeacherConfig(model="fake-model", base_url=[url], api_key_env="", concurrency=4, **extra)
+    return TeacherConfig(
+        **{"model": "fake-model", "base_url": [url], "api_key_env": "", "concurrency": 4, **extra}
+    )
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -221,3 +223,28 @@ def test_on_policy_answers_from_an_in_process_vllm_model(tmp_path, tiny_model_di
     assert all(r["candidate"].startswith("vllm:") for r in truncated)
     judged = summary["stages"]["judge"]["total"]
     assert judged == 3 * 3 - len(truncated)  # every other candidate (the references included) was graded
+
+
+def test_a_budget_stop_resumes_to_the_same_pairs(tmp_path):
+    with FakeOpenAI(PrefsResponder()) as server:
+
+        def config(out: str, **extra: Any) -> PrefsConfig:
+            return PrefsConfig(
+                input=str(corpus(tmp_path)),
+                out=str(tmp_path / out),
+                policy=[f"openai:fake-model@{server.url}"],
+                n=3,
+                teacher=judge(server.url, concurrency=1),
+                **extra,
+            )
+
+        assert run_prefs(config("whole")) == 0
+        assert run_prefs(config("capped", max_requests=12)) == 0
+        summary = json.loads((tmp_path / "capped" / "summary.json").read_text())
+        assert summary["stop_reason"] == "max_requests" and not summary["finished"]
+        assert summary["requests"] == 12 and summary["pending"] > 0
+        assert run_prefs(config("capped")) == 0  # the same command without the cap continues
+        summary = json.loads((tmp_path / "capped" / "summary.json").read_text())
+        assert summary["finished"] and summary["sessions"] == 2
+    assert read(tmp_path / "capped" / "prefs.jsonl") == read(tmp_path / "whole" / "prefs.jsonl")
+    assert len(read(tmp_path / "capped" / "samples.jsonl")) == len(PROMPTS)  # nothing sampled twice
