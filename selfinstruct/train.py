@@ -461,44 +461,6 @@ def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool
     )
 
 
-def _model_options(cfg: TrainConfig) -> tuple[dict[str, Any], Any, Any]:
-    """(model_init_kwargs, quantization config, PEFT config) for a resolved config; shared by SFT and DPO."""
-    import torch
-
-    dtype = torch_dtype(cfg.precision)
-    # Full fine-tuning keeps fp32 master weights under autocast; a frozen (Q)LoRA base can live in 16 bits.
-    model_kwargs: dict[str, Any] = {"dtype": dtype if cfg.lora else torch.float32}
-    if cfg.attn_implementation:
-        model_kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.trust_remote_code:
-        model_kwargs["trust_remote_code"] = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: one whole model per process
-        model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.qlora else None
-    quantization = peft_config = None
-    if cfg.qlora:
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
-        )
-    if cfg.lora:
-        from peft import LoraConfig
-
-        targets = cfg.lora_target_modules
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
-            task_type="CAUSAL_LM",
-        )
-    return model_kwargs, quantization, peft_config
-
-
 def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     """Everything up to `trainer.train()`: returns (trainer, resolved config, #train, #eval examples)."""
     import torch
@@ -566,6 +528,44 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     if trainer.is_world_process_zero():
         print(f"training on {len(train_rows)} examples from {data_path} ({len(eval_rows)} held out for eval)")
     return trainer, cfg, len(train_rows), len(eval_rows)
+
+
+def _model_options(cfg: TrainConfig) -> tuple[dict[str, Any], Any, Any]:
+    """(model_init_kwargs, quantization config, PEFT config) for a resolved config; shared by SFT and DPO."""
+    import torch
+
+    dtype = torch_dtype(cfg.precision)
+    # Full fine-tuning keeps fp32 master weights under autocast; a frozen (Q)LoRA base can live in 16 bits.
+    model_kwargs: dict[str, Any] = {"dtype": dtype if cfg.lora else torch.float32}
+    if cfg.attn_implementation:
+        model_kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.trust_remote_code:
+        model_kwargs["trust_remote_code"] = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: one whole model per process
+        model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.qlora else None
+    quantization = peft_config = None
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    if cfg.lora:
+        from peft import LoraConfig
+
+        targets = cfg.lora_target_modules
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+    return model_kwargs, quantization, peft_config
 
 
 # ---------------------------------------------------------------- DPO
