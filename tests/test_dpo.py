@@ -123,3 +123,5 @@ def test_bad_preference_files_name_the_line(tmp_path):
         load_prefs(str(write(tmp_path / "empty.jsonl", [empty])))
     with pytest.raises(UserError, match=r"no prefs\.jsonl"):
         load_prefs(str(tmp_path))
+    with pytest.raises(UserError, match="--packing applies to --method sft only"):
+        train(TrainConfig(method="dpo", data=str(bad), model="m", out=str(tmp_path / "o"), packing=True))
