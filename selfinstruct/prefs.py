@@ -13,7 +13,9 @@ grades the candidates with a rubric template:
 Pairing per prompt: the best candidate is `chosen`; `rejected` is the worst one (`best-vs-worst`, as Self-Rewarding
 LMs) or one drawn, seeded, from those below it (`best-vs-random-lower`, Zephyr). A pair must satisfy
 `score_chosen - score_rejected >= --min-margin`; ties are always dropped; in pairwise mode the chosen answer must
-have beaten the rejected one in both orders.
+have beaten the rejected one in both orders. An answer cut off at `--sample-max-tokens` is judged like the others
+but may only be the rejected side (`--truncated rejected-only`, the default): a student that rambles on learns to
+stop, and no pair teaches it to break off.
 
 Policy specs (`--policy`):
 
@@ -116,8 +118,11 @@ class PrefsConfig(Section):
     seed: int = Field(0, description="seed for per-request sampling seeds and best-vs-random-lower")
     temperature: float = Field(0.8, ge=0, description="policy sampling temperature")
     top_p: float = Field(0.95, gt=0, le=1, description="policy sampling top_p")
-    sample_max_tokens: int = Field(
-        512, ge=1, description="max tokens of a policy answer (a cut-off answer is not a candidate)"
+    sample_max_tokens: int = Field(512, ge=1, description="max tokens of a policy answer")
+    truncated: Literal["rejected-only", "drop", "keep"] = Field(
+        "rejected-only",
+        description="answers cut off at --sample-max-tokens: judged, but only ever the rejected side of a pair "
+        "(a model that never stops learns to stop); drop: not candidates; keep: like any other answer",
     )
     judge_max_tokens: int = Field(64, ge=1, description="max tokens of a judge verdict")
     request_batch: int | None = Field(
@@ -244,6 +249,7 @@ class Candidate:
     key: str  # "POLICY#k": unique within a prompt
     policy: str
     text: str
+    truncated: bool = False  # cut off at max tokens
 
 
 def prompt_messages(record: CorpusRecord) -> list[dict[str, str]]:
@@ -252,19 +258,23 @@ def prompt_messages(record: CorpusRecord) -> list[dict[str, str]]:
 
 
 def candidates_of(
-    samples: dict[str, dict[str, Any]], policies: list[str], record: CorpusRecord, reference: bool
+    samples: dict[str, dict[str, Any]],
+    policies: list[str],
+    record: CorpusRecord,
+    reference: bool,
+    truncated: str = "rejected-only",
 ) -> tuple[list[Candidate], list[tuple[str, str, str]]]:
     """The usable answers of one prompt, and (candidate key, reason, text) for the unusable ones."""
     out, dropped = [], []
     for spec in policies:
         for k, c in enumerate(samples[spec]["completions"]):
-            key, text = f"{spec}#{k}", c["text"].strip()
-            if c.get("finish_reason") == "length":
-                dropped.append((key, "truncated", text))
-            elif not text:
+            key, text, cut = f"{spec}#{k}", c["text"].strip(), c.get("finish_reason") == "length"
+            if not text:
                 dropped.append((key, "empty", text))
+            elif cut and truncated == "drop":
+                dropped.append((key, "truncated", text))
             else:
-                out.append(Candidate(key, spec, text))
+                out.append(Candidate(key, spec, text, cut and truncated == "rejected-only"))
     if reference:
         if record.output.strip():
             out.append(Candidate(f"{REFERENCE}#0", REFERENCE, record.output.strip()))
@@ -336,16 +346,25 @@ def score_pairwise(
 
 
 def choose_pair(
-    scored: Scored, order: list[str], pairing: str, min_margin: float, rng: random.Random
+    scored: Scored,
+    order: list[str],
+    pairing: str,
+    min_margin: float,
+    rng: random.Random,
+    never_chosen: frozenset[str] = frozenset(),
 ) -> tuple[str, str] | str:
-    """(chosen, rejected) keys, or the reason there is no pair: `too_few_candidates`, `tie` (nobody is
-    better than anybody), `no_agreeing_win` (pairwise: nobody beat anybody in both orders, and some verdicts
-    contradicted each other across orders), `below_margin`."""
+    """(chosen, rejected) keys, or the reason there is no pair: `too_few_candidates`, `no_complete_answer`
+    (every candidate that may be chosen is missing), `tie` (nobody is better than anybody), `no_agreeing_win`
+    (pairwise: nobody beat anybody in both orders, and some verdicts contradicted each other across orders),
+    `below_margin`. `never_chosen`: candidates that may only be rejected (cut-off answers)."""
     keys = [k for k in order if k in scored.scores]
     if len(keys) < 2:
         return "too_few_candidates"
     s = scored.scores
-    best = max(keys, key=lambda k: s[k])  # the first of equally good ones
+    eligible = [k for k in keys if k not in never_chosen]
+    if not eligible:
+        return "no_complete_answer"
+    best = max(eligible, key=lambda k: s[k])  # the first of equally good ones
     if not scored.beaten[best]:
         return "no_agreeing_win" if scored.inconsistent else "tie"
     lower = [k for k in keys if k in scored.beaten[best]]
@@ -465,8 +484,9 @@ class Plan:
     def sampled(self, pid: str) -> bool:
         return all(p.spec in self.samples[pid] for p in self.policies)
 
-    def candidates(self, pid: str, record: CorpusRecord, reference: bool):
-        return candidates_of(self.samples[pid], [p.spec for p in self.policies], record, reference)
+    def candidates(self, pid: str, record: CorpusRecord, cfg: PrefsConfig):
+        specs = [p.spec for p in self.policies]
+        return candidates_of(self.samples[pid], specs, record, cfg.include_reference, cfg.truncated)
 
 
 def judge_todo(plan: Plan, cfg: PrefsConfig) -> tuple[list[tuple[str, tuple, dict]], int]:
@@ -475,7 +495,7 @@ def judge_todo(plan: Plan, cfg: PrefsConfig) -> tuple[list[tuple[str, tuple, dic
     for pid, record in plan.records:
         if not plan.sampled(pid):
             continue
-        candidates, _ = plan.candidates(pid, record, cfg.include_reference)
+        candidates, _ = plan.candidates(pid, record, cfg)
         text = {c.key: c.text for c in candidates}
         for key in judge_keys(cfg.rubric, candidates):
             total += 1
@@ -505,7 +525,7 @@ def build_outputs(run: RunDir, plan: Plan, cfg: PrefsConfig, template: Template)
         if not plan.sampled(pid):
             built.pending += 1
             continue
-        candidates, dropped = plan.candidates(pid, record, cfg.include_reference)
+        candidates, dropped = plan.candidates(pid, record, cfg)
         verdicts = plan.judgments[pid]
         if any(key not in verdicts for key in judge_keys(cfg.rubric, candidates)):
             built.pending += 1
@@ -523,7 +543,8 @@ def build_outputs(run: RunDir, plan: Plan, cfg: PrefsConfig, template: Template)
         for key, reason, detail in judge_dropped:
             reject(reason, stage="judge", candidate=key, **detail)
         rng = random.Random(f"{cfg.seed}:pair:{pid}")
-        pair = choose_pair(scored, [c.key for c in candidates], cfg.pairing, cfg.min_margin, rng)
+        cut = frozenset(c.key for c in candidates if c.truncated)
+        pair = choose_pair(scored, [c.key for c in candidates], cfg.pairing, cfg.min_margin, rng, cut)
         if isinstance(pair, str):
             reject(pair, stage="pair", scores=scored.scores)
             continue
@@ -552,6 +573,7 @@ def build_outputs(run: RunDir, plan: Plan, cfg: PrefsConfig, template: Template)
                     "id": pid,
                     "policies": {"chosen": chosen.policy, "rejected": loser.policy},
                     "candidates": {"chosen": chosen.key, "rejected": loser.key},
+                    "rejected_truncated": loser.truncated,
                     "judge": cfg.teacher.model,
                     "rubric": cfg.rubric,
                     "rubric_template": f"{template.name}@{template.hash}",
