@@ -43,6 +43,10 @@ COMMANDS: dict[str, Command] = {
         "Grow records into multi-turn conversations: a simulated user asks follow-ups, the teacher answers.",
         "selfinstruct.converse:ConverseConfig:run_converse",
     ),
+    "prefs": Command(
+        "Preference pairs for DPO: policies answer each prompt, a judge grades them, best vs worse is kept.",
+        "selfinstruct.prefs:PrefsConfig:run_prefs",
+    ),
     "filter": Command(
         "Clean an existing corpus with the heuristic and exact ROUGE-L novelty filters.",
         "selfinstruct.filters.command:FilterCommandConfig:run_filter",
@@ -60,7 +64,7 @@ COMMANDS: dict[str, Command] = {
         "selfinstruct.export:ExportConfig:run_export",
     ),
     "train": Command(
-        "Fine-tune a model on a corpus with TRL's SFTTrainer (full, LoRA, QLoRA).",
+        "Fine-tune a model on a corpus (TRL SFTTrainer) or on preference pairs (--method dpo); full, LoRA, QLoRA.",
         "selfinstruct.train:TrainConfig:run_train",
     ),
     "evaluate": Command(

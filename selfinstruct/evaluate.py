@@ -369,6 +369,11 @@ class EvaluateConfig(Section):
     train_data: str | None = Field(
         None, description="the training corpus: categories absent from it are reported as unseen"
     )
+    prefs: str | None = Field(
+        None,
+        description="held-out preference pairs (prefs.jsonl): report preference accuracy, the share of pairs "
+        "whose chosen answer the model finds more likely than the rejected one (--data becomes optional)",
+    )
     out: str | None = Field(None, description="output directory (default: MODEL/eval for a local model)")
     served_model: str | None = Field(
         None,
@@ -404,6 +409,22 @@ class _Model:
     spec: str  # as the user gave it
     path: str  # what transformers and in-process vLLM load (a merged copy for an adapter)
     served: str  # its name at an OpenAI-compatible endpoint
+
+
+def _models(cfg: EvaluateConfig) -> list[_Model]:
+    """--model and --base (default: the model --model was trained from), resolved to loadable paths."""
+    model_spec = str(cfg.model)
+    base_spec = cfg.base
+    if not base_spec and Path(model_spec).expanduser().is_dir():
+        base_spec = _default_base(model_spec)
+        if base_spec:
+            print(f"comparing with base model {base_spec} (recorded in {model_spec})", file=sys.stderr)
+    models = [_Model("tuned", model_spec, "", cfg.served_model or model_spec)]
+    if base_spec:
+        models.append(_Model("base", base_spec, "", cfg.served_base or base_spec))
+    for m in models:  # all of them before any engine starts: a bad path fails in seconds
+        m.path = resolve_model(m.spec, f"--{'model' if m.role == 'tuned' else 'base'}")
+    return models
 
 
 @dataclass
@@ -479,9 +500,10 @@ def _check(cfg: EvaluateConfig) -> Path:
     """Required settings; returns the output directory."""
     if not cfg.model:
         raise UserError("evaluate needs --model (a model directory, LoRA adapter directory or hub id)")
-    if not cfg.data:
+    if not cfg.data and not cfg.prefs:
         raise UserError(
-            "evaluate needs --data (held-out records, e.g. the heldout.jsonl of selfinstruct split)"
+            "evaluate needs --data (held-out records, e.g. the heldout.jsonl of selfinstruct split) or --prefs "
+            "(held-out preference pairs)"
         )
     local = Path(cfg.model).expanduser()
     if not cfg.out and not local.is_dir():
@@ -497,7 +519,13 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
     from `cfg.teacher` (e.g. an engine the caller still needs); evaluate does not close them.
     """
     out = _check(cfg)
-    model_spec = str(cfg.model)
+    if not cfg.data:
+        models = _models(cfg)
+        result = {"models": {m.role: m.spec for m in models}, "preferences": preference_section(cfg, models)}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "eval.json", result)
+        atomic_write_text(out / "eval.md", render_markdown(result))
+        return {**result, "out": str(out)}
     records = load_records(str(cfg.data), "evaluate")
     if cfg.max_examples and cfg.max_examples < len(records):
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_examples))
@@ -510,17 +538,7 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
 
         overlap = train_overlap(records, train_records)
         warn_overlap(overlap)
-    base_spec = cfg.base
-    if not base_spec and Path(model_spec).expanduser().is_dir():
-        base_spec = _default_base(model_spec)
-        if base_spec:
-            print(f"comparing with base model {base_spec} (recorded in {model_spec})", file=sys.stderr)
-
-    models = [_Model("tuned", model_spec, "", cfg.served_model or model_spec)]
-    if base_spec:
-        models.append(_Model("base", base_spec, "", cfg.served_base or base_spec))
-    for m in models:  # all of them before any engine starts: a bad path fails in seconds
-        m.path = resolve_model(m.spec, f"--{'model' if m.role == 'tuned' else 'base'}")
+    models = _models(cfg)
     template = _template(cfg, models[0].path)
     examples = examples_for(records, template)
     references = [
@@ -570,9 +588,11 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
         **_slices(scored, categories, unseen, train_categories is not None),
         "train_overlap": overlap,
     }
+    if cfg.prefs:
+        result["preferences"] = preference_section(cfg, models)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", result)
-    atomic_write_text(out / "eval.md", markdown_table(result))
+    atomic_write_text(out / "eval.md", render_markdown(result))
     predictions = []
     for i, r in enumerate(records):
         row: dict[str, Any] = {"instruction": r.instruction, "input": r.input, "reference": references[i]}
@@ -650,8 +670,91 @@ def markdown_table(result: dict[str, Any]) -> str:
     )
 
 
+# ---------------------------------------------------------------- preference accuracy
+
+
+def preference_accuracy(
+    model_path: str, pairs: list[dict[str, Any]], *, max_length: int = 2048, batch_size: int = 4
+) -> dict[str, Any]:
+    """How often the model finds the chosen answer more likely than the rejected one, on held-out pairs.
+
+    `accuracy` compares the *summed* log-likelihoods of the two answers: DPO's implicit reward is β times the
+    summed log-ratio to the reference, so this is what DPO training raises. `accuracy_per_token` compares the
+    mean log-likelihood per token instead, which does not favour the shorter answer. A tie counts as wrong.
+    `margin` is the mean of log p(chosen) - log p(rejected), in nats.
+    """
+    examples = [
+        {"prompt": p["prompt"], "completion": p[side]} for p in pairs for side in ("chosen", "rejected")
+    ]
+    losses = response_losses(model_path, examples, max_length=max_length, batch_size=batch_size)
+    chosen, rejected = losses[0::2], losses[1::2]
+    n = len(pairs)
+    return {
+        "accuracy": sum(c.nll < r.nll for c, r in zip(chosen, rejected, strict=True)) / n,
+        "accuracy_per_token": sum(
+            c.nll / max(c.tokens, 1) < r.nll / max(r.tokens, 1) for c, r in zip(chosen, rejected, strict=True)
+        )
+        / n,
+        "margin": sum(r.nll - c.nll for c, r in zip(chosen, rejected, strict=True)) / n,
+    }
+
+
+def preference_section(cfg: EvaluateConfig, models: list[_Model]) -> dict[str, Any]:
+    """eval.json's `preferences`: preference accuracy of each model on `--prefs` (a seeded sample of
+    --max-examples pairs when set)."""
+    from selfinstruct.train import load_prefs
+
+    _, pairs = load_prefs(str(cfg.prefs))
+    if cfg.max_examples and cfg.max_examples < len(pairs):
+        pairs = [
+            pairs[i] for i in sorted(random.Random(cfg.seed).sample(range(len(pairs)), cfg.max_examples))
+        ]
+    section: dict[str, Any] = {"data": cfg.prefs, "pairs": len(pairs)}
+    done: dict[str, dict[str, Any]] = {}
+    for m in models:
+        if m.path not in done:
+            print(f"scoring {len(pairs)} preference pairs with {m.spec} ...", file=sys.stderr)
+            done[m.path] = preference_accuracy(
+                m.path, pairs, max_length=cfg.max_length, batch_size=cfg.loss_batch_size
+            )
+        section[m.role] = done[m.path]
+    return section
+
+
+def prefs_table(result: dict[str, Any]) -> str:
+    """Preference accuracy, base and tuned side by side."""
+    section = result["preferences"]
+    roles = [r for r in ("base", "tuned") if r in section]
+    lines = [
+        "| preference pairs (n) | " + " | ".join(roles) + " |",
+        "|---|" + "--:|" * len(roles),
+    ]
+    for label, key, scale, digits in (
+        ("accuracy, summed log-lik.", "accuracy", 100, 1),
+        ("accuracy, per-token log-lik.", "accuracy_per_token", 100, 1),
+        ("margin (nats)", "margin", 1, 3),
+    ):
+        cells = [_fmt(section[r][key], scale, digits) for r in roles]
+        lines.append(f"| {label} ({section['pairs']}) | " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines)
+        + "\n\naccuracy: share of held-out pairs whose chosen answer has the higher log-likelihood under the "
+        "model (×100); summed over the answer's tokens as DPO's implicit reward, or averaged per token; margin: "
+        "mean log p(chosen) − log p(rejected)\n"
+    )
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """eval.md: the held-out answers table (with --data) and the preference table (with --prefs)."""
+    parts = [markdown_table(result)] if "overall" in result else []
+    if "preferences" in result:
+        parts.append(prefs_table(result))
+    return "\n".join(parts)
+
+
 def run_evaluate(cfg: EvaluateConfig) -> int:
     result = evaluate(cfg)
-    print(markdown_table(result), end="")
-    print(f"wrote eval.json, eval.md and predictions.jsonl to {result['out']}")
+    print(render_markdown(result), end="")
+    written = "eval.json, eval.md and predictions.jsonl" if "overall" in result else "eval.json and eval.md"
+    print(f"wrote {written} to {result['out']}")
     return 0

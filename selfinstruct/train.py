@@ -1,4 +1,4 @@
-"""`selfinstruct train`: supervised fine-tuning on a corpus with TRL's `SFTTrainer` (full, LoRA or QLoRA).
+"""`selfinstruct train`: supervised fine-tuning on a corpus with TRL's `SFTTrainer` (full, LoRA or QLoRA), or DPO.
 
 The loss is instruction tuning as the seeds define it: the log-likelihood of the response (and its end-of-turn
 token) given the instruction and input. Every record therefore becomes a prompt/completion pair and TRL's
@@ -21,6 +21,9 @@ but with sdpa/eager it multiplies the attention work by the number of rows, so t
 after two different row-mates and alone; if its logits depend on its row-mate, training is refused instead of
 silently learning across samples.
 
+`--method dpo` trains on preference pairs (`selfinstruct prefs`' prefs.jsonl) with TRL's `DPOTrainer` instead,
+with the same model, LoRA/QLoRA, precision, accelerate and resume options (`build_dpo_trainer`).
+
 Rerunning on the same `--out` resumes from its last checkpoint (`checkpoint-N/`, written by the Trainer with
 optimizer and scheduler state). The final model or adapter, its tokenizer, the resolved config
 (`train_config.toml`) and a summary (`train_summary.json`) go to `--out`; `--merge` adds `OUT/merged`.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -41,7 +45,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from selfinstruct.config import Section, save_config
-from selfinstruct.corpus import load_corpus_any, read_rows
+from selfinstruct.corpus import load_corpus_any, read_json_records, read_rows
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.evaluate import task_of
 from selfinstruct.models import merge_adapter, resolve_model, torch_dtype
@@ -56,7 +60,20 @@ class TrainConfig(Section):
     data: str | None = Field(
         None,
         description="corpus: a run directory, Alpaca JSON/JSONL, seed JSONL, chat JSONL (messages, ShareGPT "
-        "conversations or prompt/completion; any number of turns) or Parquet",
+        "conversations or prompt/completion; any number of turns) or Parquet; --method dpo: preference pairs (prefs.jsonl of selfinstruct prefs, or its run directory)",
+    )
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning (TRL SFTTrainer); dpo: direct preference optimization on "
+        "chosen/rejected pairs (TRL DPOTrainer), usually starting from an SFT checkpoint",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="dpo: how far the policy may move from the reference (higher = closer)"
+    )
+    ref_model: str | None = Field(
+        None,
+        description="dpo: the reference model, named as --model (default: --model itself; with LoRA, the "
+        "base with the adapter switched off, so no second copy is loaded)",
     )
     model: str | None = Field(
         None,
@@ -96,7 +113,8 @@ class TrainConfig(Section):
     learning_rate: float | None = Field(
         None,
         gt=0,
-        description="peak learning rate; default 2e-5 for full fine-tuning (Alpaca), 2e-4 for (Q)LoRA",
+        description="peak learning rate; default 2e-5 for full fine-tuning (Alpaca), 2e-4 for (Q)LoRA; "
+        "dpo: 5e-7 full, 5e-6 (Q)LoRA (TRL's dpo script)",
     )
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="learning-rate schedule after warmup (Alpaca: cosine)"
@@ -262,6 +280,13 @@ def multi_turn(records: list[CorpusRecord]) -> bool:
     return any(r.turns > 1 for r in records)
 
 
+def _task_key(record: CorpusRecord | dict[str, Any]) -> str:
+    """Records of one task share this key (as in `selfinstruct split`); a preference pair's key is its prompt."""
+    if isinstance(record, CorpusRecord):
+        return task_of(record)
+    return json.dumps(record["prompt"], ensure_ascii=False, sort_keys=True)
+
+
 def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded hold-out of whole tasks (at least one task each side when a fraction is asked for).
 
@@ -270,12 +295,12 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """
     if fraction <= 0:
         return records, []
-    tasks = sorted({task_of(r) for r in records})
+    tasks = sorted({_task_key(r) for r in records})
     n_eval = max(1, round(len(tasks) * fraction))
     if n_eval >= len(tasks):
         raise UserError(f"--eval-fraction {fraction} leaves no training tasks out of {len(tasks)}")
     held = set(random.Random(seed).sample(tasks, n_eval))
-    return [r for r in records if task_of(r) not in held], [r for r in records if task_of(r) in held]
+    return [r for r in records if _task_key(r) not in held], [r for r in records if _task_key(r) in held]
 
 
 # ---------------------------------------------------------------- packing
@@ -478,37 +503,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
 
     from trl import SFTConfig, SFTTrainer
 
-    dtype = torch_dtype(cfg.precision)
-    # Full fine-tuning keeps fp32 master weights under autocast; a frozen (Q)LoRA base can live in 16 bits.
-    model_kwargs: dict[str, Any] = {"dtype": dtype if cfg.lora else torch.float32}
-    if cfg.attn_implementation:
-        model_kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.trust_remote_code:
-        model_kwargs["trust_remote_code"] = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: one whole model per process
-        model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.qlora else None
-    quantization = peft_config = None
-    if cfg.qlora:
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
-        )
-    if cfg.lora:
-        from peft import LoraConfig
-
-        targets = cfg.lora_target_modules
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
-            task_type="CAUSAL_LM",
-        )
+    model_kwargs, quantization, peft_config = _model_options(cfg)
     args = SFTConfig(
         output_dir=str(cfg.out),
         num_train_epochs=cfg.epochs,
@@ -562,6 +557,178 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     return trainer, cfg, len(train_rows), len(eval_rows)
 
 
+def _model_options(cfg: TrainConfig) -> tuple[dict[str, Any], Any, Any]:
+    """(model_init_kwargs, quantization config, PEFT config) for a resolved config; shared by SFT and DPO."""
+    import torch
+
+    dtype = torch_dtype(cfg.precision)
+    # Full fine-tuning keeps fp32 master weights under autocast; a frozen (Q)LoRA base can live in 16 bits.
+    model_kwargs: dict[str, Any] = {"dtype": dtype if cfg.lora else torch.float32}
+    if cfg.attn_implementation:
+        model_kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.trust_remote_code:
+        model_kwargs["trust_remote_code"] = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: one whole model per process
+        model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.qlora else None
+    quantization = peft_config = None
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    if cfg.lora:
+        from peft import LoraConfig
+
+        targets = cfg.lora_target_modules
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+    return model_kwargs, quantization, peft_config
+
+
+# ---------------------------------------------------------------- DPO
+
+
+def load_prefs(data: str) -> tuple[Path, list[dict[str, list[dict[str, str]]]]]:
+    """Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected` message lists); a
+    directory means its prefs.jsonl (a `selfinstruct prefs` run). Scores and meta are dropped: DPO only reads
+    the conversations."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / "prefs.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path.parent}: no prefs.jsonl in this directory (pass a preference file)")
+    pairs = []
+    for line, obj in read_json_records(path):
+        pair = {}
+        for key in ("prompt", "chosen", "rejected"):
+            messages = obj.get(key)
+            if not isinstance(messages, list) or not messages:
+                raise InputFileError(path, line, f"field '{key}' must be a non-empty list of messages")
+            for m in messages:
+                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                    raise InputFileError(
+                        path, line, f"bad message {m!r} in '{key}': role must be system, user or assistant"
+                    )
+                if not isinstance(m.get("content"), str):
+                    raise InputFileError(path, line, f"a message in '{key}' needs a string 'content'")
+            pair[key] = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if pair["prompt"][-1]["role"] != "user":
+            raise InputFileError(path, line, "the prompt must end with a user message")
+        for key in ("chosen", "rejected"):
+            if (
+                len(pair[key]) != 1
+                or pair[key][0]["role"] != "assistant"
+                or not pair[key][0]["content"].strip()
+            ):
+                raise InputFileError(path, line, f"'{key}' must be one non-empty assistant message")
+        pairs.append(pair)
+    return path, pairs
+
+
+def _mirror_eos(model: Any, tokenizer: Any) -> None:
+    """Make the model stop on the tokenizer's EOS (the turn's end token), as SFTTrainer does for `eos_token`."""
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id not in ids:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *ids]
+
+
+def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
+    """`build_trainer` for `--method dpo`: TRL's DPOTrainer on preference pairs, same model options as SFT.
+
+    The reference is `--ref-model` when given, else the starting model: TRL loads a second copy for a full
+    fine-tune, and with (Q)LoRA computes it with the adapter switched off (no second copy).
+    """
+    import torch
+    from datasets import Dataset
+
+    cuda = torch.cuda.is_available()
+    _check_options(cfg, cuda)
+    if cfg.packing:
+        raise UserError("--packing applies to --method sft only")
+    data_path, pairs = load_prefs(str(cfg.data))
+    model_path, tokenizer = _load_tokenizer(cfg)
+    peft = cfg.lora or cfg.qlora
+    # TRL's dpo script: 5e-7 for a full fine-tune, 5e-6 with LoRA (an adapter starts from zero)
+    cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate or (5e-6 if peft else 5e-7)})
+    cfg = resolve_defaults(cfg, tokenizer, cuda, cuda and torch.cuda.is_bf16_supported())
+    if cfg.template != "chat":
+        raise UserError(
+            f"--method dpo needs a model with a chat template that ends turns with a special token "
+            f"(preference pairs are conversations); {cfg.model} has none"
+        )
+    tokenizer.eos_token = cfg.eos
+    train_rows, eval_rows = split_eval(pairs, cfg.eval_fraction, cfg.seed)
+
+    from trl import DPOConfig, DPOTrainer
+
+    model_kwargs, quantization, peft_config = _model_options(cfg)
+    ref_model = None
+    if cfg.ref_model:
+        from transformers import AutoModelForCausalLM
+
+        ref_path = resolve_model(cfg.ref_model, "--ref-model", trust_remote_code=cfg.trust_remote_code)
+        ref_kwargs = {**model_kwargs, **({"quantization_config": quantization} if quantization else {})}
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_path, **ref_kwargs)
+    args = DPOConfig(
+        output_dir=str(cfg.out),
+        beta=cfg.beta,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=cfg.report_to,
+        seed=cfg.seed,
+        dataloader_pin_memory=cuda,
+        model_init_kwargs=model_kwargs,
+    )
+    try:
+        trainer = DPOTrainer(
+            model=model_path,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            quantization_config=quantization,
+        )
+    except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
+        raise UserError(f"--model {cfg.model}: cannot load ({str(e).strip().splitlines()[0]})") from None
+    _mirror_eos(trainer.model, tokenizer)
+    if trainer.is_world_process_zero():
+        print(
+            f"DPO on {len(train_rows)} preference pairs from {data_path} ({len(eval_rows)} held out for eval)"
+        )
+    return trainer, cfg, len(train_rows), len(eval_rows)
+
+
 # ---------------------------------------------------------------- run
 
 
@@ -581,7 +748,7 @@ def _last_checkpoint(out: Path, resume: bool, main: bool) -> str | None:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train, save and (for LoRA with --merge) merge; see the module docstring for what lands where."""
     started = time.perf_counter()
-    trainer, cfg, n_train, n_eval = build_trainer(cfg)
+    trainer, cfg, n_train, n_eval = (build_dpo_trainer if cfg.method == "dpo" else build_trainer)(cfg)
     out = Path(str(cfg.out))
     main = trainer.is_world_process_zero()
     checkpoint = _last_checkpoint(out, cfg.resume, main)

@@ -57,6 +57,12 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "converse_assistant": (frozenset({"conversation", "message"}), frozenset()),
     "select_judge": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
     "select_deita": (frozenset({"instruction", "input", "output"}), frozenset({"instruction", "output"})),
+    # `selfinstruct prefs`: the judge's rubrics
+    "prefs_absolute": (frozenset({"instruction", "response"}), frozenset({"instruction", "response"})),
+    "prefs_pairwise": (
+        frozenset({"instruction", "first", "second"}),
+        frozenset({"instruction", "first", "second"}),
+    ),
 }
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")

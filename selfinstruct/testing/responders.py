@@ -594,3 +594,60 @@ def _first_user_turn(request: dict[str, Any], text: str) -> str:
         return m.group(1)
     users = [m["content"] for m in request.get("messages", []) if m["role"] == "user"]
     return users[0] if users else ""
+
+
+_QUALITY = re.compile(r"\(quality (\d)\)")
+
+
+def quality(answer: str) -> int:
+    """The quality `PrefsResponder` wrote into an answer it sampled (3 for any other text)."""
+    m = _QUALITY.search(answer)
+    return int(m.group(1)) if m else 3
+
+
+class PrefsResponder:
+    """Callable for `FakeOpenAI(responder=...)`: the policy and the judge of `selfinstruct prefs` at once.
+
+    As a policy (a plain user turn) it returns `n` answers, each stating its own quality 1-5 as
+    "(quality Q)" (drawn from the request seed and prompt). As the absolute judge it grades every aspect with the
+    answer's quality (`quality()`), as the pairwise judge it names the answer of higher quality (tie if equal).
+    Fixture triggers in an instruction: `[garbled]` the judge answers in words without any score or verdict ·
+    `[biased]` the pairwise judge always says "A" (pure position bias) · `[same]` all answers have quality 3.
+    `prose`: grade in words ("Helpfulness: 4, …", "Answer B is better") instead of JSON.
+    """
+
+    def __init__(self, seed: int = 0, *, prose: bool = False):
+        self.seed, self.prose = seed, prose
+
+    def __call__(self, request: dict[str, Any]) -> str | list[str]:
+        text = "\n".join(m["content"] for m in request["messages"])
+        rng = random.Random(hashlib.sha256(f"{self.seed}:{request.get('seed')}:{text}".encode()).digest())
+        if "### Assistant answer" in text:
+            return self._grade(text)
+        if "### Answer A" in text:
+            return self._compare(text)
+        same = "[same]" in text
+        return [
+            f"Answer {k} (quality {3 if same else rng.randint(1, 5)}): {_sentence(rng)}"
+            for k in range(int(request.get("n") or 1))
+        ]
+
+    def _grade(self, text: str) -> str:
+        if "[garbled]" in text:
+            return "This answer is quite something, I must say."
+        answer = text.split("### Assistant answer\n", 1)[1].rsplit("\n\nReply with", 1)[0]
+        q = quality(answer)
+        if self.prose:
+            return f"Helpfulness: {q}/5. Honesty - {q}. Instruction following: {q}."
+        return json.dumps({"helpfulness": q, "honesty": q, "instruction_following": q})
+
+    def _compare(self, text: str) -> str:
+        if "[garbled]" in text:
+            return "Both answers have their charms."
+        first = text.split("### Answer A\n", 1)[1].split("\n\n### Answer B", 1)[0]
+        second = text.split("### Answer B\n", 1)[1].rsplit("\n\nReply with", 1)[0]
+        qa, qb = quality(first), quality(second)
+        better = "A" if "[biased]" in text or qa > qb else "B" if qb > qa else "tie"
+        if self.prose:
+            return "Neither is better: tie." if better == "tie" else f"Answer {better} is better."
+        return json.dumps({"better": better})
