@@ -235,7 +235,7 @@ def classify_on_seeds(work: Path, seeds_path: Path, teacher: list[str]) -> dict[
             calibration = summary["stages"]["classify"].get("calibration")
             for r in read_jsonl(run / "classification.jsonl"):
                 records[r["id"]] = r
-                if calibration:
+                if calibration and calibration.get("applied", True):
                     offsets[r["id"]] = calibration["offset"]
         ids = sorted(truth)
         gold = [truth[i] for i in ids]
@@ -273,7 +273,7 @@ def print_classify(results: dict[str, Any]) -> None:
             table.add_row(name, *("–" if r.get(c) is None else str(r[c]) for c in columns))
     c = results["constant_answer"]
     table.add_row("constant answer", str(c["all_no_accuracy"]), "–", "–", "0.5", "0.0", "0.5", "–")
-    console.print(table, width=150)
+    Console(highlight=False, width=150).print(table)
 
 
 def samples(runs: dict[str, Path], k: int) -> list[dict[str, Any]]:

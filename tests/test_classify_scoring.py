@@ -143,22 +143,19 @@ def test_calibration_subtracts_the_content_free_score(tmp_path, api):
             out = tmp_path / f"run-{calibrate}"
             _seed_instructions(out, seeds, list(TASKS))
             cfg = GenerateConfig(
-                seeds=str(seeds), out=str(out), stages=["classify"], classify_calibrate=calibrate,
-                teacher=teacher_config(server, api=api),
+                seeds=str(seeds), out=str(out), stages=["classify"], teacher=teacher_config(server, api=api),
+                classify_scoring="logprob", classify_calibrate=calibrate,
             )  # fmt: skip
             assert run_generate(cfg) == 0
             results[calibrate] = [
                 json.loads(line) for line in (out / "classification.jsonl").read_text().splitlines()
             ]
             summary = json.loads((out / "summary.json").read_text())["stages"]["classify"]
-            if calibrate:
-                assert summary["calibration"]["offset"] == pytest.approx(-0.5, abs=1e-3)
-                assert summary["calibration"]["content_free_scores"] == pytest.approx(
-                    [-0.3, -0.9, -0.3], abs=1e-3
-                )
-                assert summary["requests"] == len(TASKS) + len(CONTENT_FREE)
-            else:
-                assert "calibration" not in summary and summary["requests"] == len(TASKS)
+            calibration = summary["calibration"]  # asked for either way, applied only when on
+            assert calibration["offset"] == pytest.approx(-0.5, abs=1e-3)
+            assert calibration["content_free_scores"] == pytest.approx([-0.3, -0.9, -0.3], abs=1e-3)
+            assert calibration["applied"] is calibrate
+            assert summary["requests"] == len(TASKS) + len(CONTENT_FREE)
         sent = [r.json for r in server.completions() if r.json.get("logprobs")]
     assert all(r["max_tokens"] == 1 and r["temperature"] == 0 for r in sent)
     by_task = {k: {r["id"]: r for r in results[k]} for k in results}
@@ -177,13 +174,13 @@ def test_scoring_flags_and_toml_round_trip(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser, GenerateConfig)
     default = resolve("generate", GenerateConfig, vars(parser.parse_args([])))
-    assert (default.classify_scoring, default.classify_calibrate) == ("logprob", True)
-    argv = ["--classify-scoring", "label", "--no-classify-calibrate"]
+    assert (default.classify_scoring, default.classify_calibrate) == ("auto", False)
+    argv = ["--classify-scoring", "logprob", "--classify-calibrate"]
     cfg = resolve("generate", GenerateConfig, vars(parser.parse_args(argv)))
-    assert (cfg.classify_scoring, cfg.classify_calibrate) == ("label", False)
+    assert (cfg.classify_scoring, cfg.classify_calibrate) == ("logprob", True)
     saved = tmp_path / "config.toml"
     saved.write_text(config_to_toml("generate", cfg))
     again = resolve("generate", GenerateConfig, {}, load_toml(saved))
-    assert (again.classify_scoring, again.classify_calibrate) == ("label", False)
+    assert (again.classify_scoring, again.classify_calibrate) == ("logprob", True)
     with pytest.raises(UserError, match="classify_scoring from --classify-scoring"):
         resolve("generate", GenerateConfig, vars(parser.parse_args(["--classify-scoring", "vote"])))

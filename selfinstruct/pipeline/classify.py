@@ -15,7 +15,10 @@ Two ways to decide (`--classify-scoring`):
   (contextual calibration, Zhao et al. 2021, "Calibrate Before Use") the mean score of the same prompt on
   content-free tasks ("N/A", "", "[MASK]") is subtracted first, which removes the prompt's own lean towards one
   answer without any labelled data. The task is classification when the score is above 0; the score goes into
-  the record.
+  the record. The content-free scores are asked for (3 requests) and reported in `summary.json` either way:
+  they show the prompt's lean, and they check up front that the teacher returns logprobs at all. On
+  SmolLM2-135M they scatter widely (from −1.7 to +1.2 log-odds) and subtracting their mean lowered agreement
+  with the seeds' labels, so calibration is off by default.
 """
 
 from __future__ import annotations
@@ -103,13 +106,22 @@ def as_demos(examples: list[SeedTask], answer: Callable[[SeedTask], str] = as_js
     return [Demo({"instruction": shown(s.instruction)}, answer(s)) for s in examples]
 
 
+def scoring(setting: str, chat: bool) -> str:
+    """`--classify-scoring auto`: logprob for chat teachers, where it beat the written label on SmolLM2-135M
+    (balanced accuracy 0.67 against 0.49); the reference's written label for raw prompts, where neither way
+    did better than a constant answer."""
+    if setting != "auto":
+        return setting
+    return "logprob" if chat else "label"
+
+
 class Classify(PerInstruction):
     stage = "classify"
     output = CLASSIFICATION
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        self.logprob = ctx.cfg.classify_scoring == "logprob"
+        self.logprob = scoring(ctx.cfg.classify_scoring, ctx.chat) == "logprob"
         # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No
         self.template = ctx.prompts.get("classify_score" if self.logprob else self.stage)
         examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed)
@@ -140,7 +152,8 @@ class Classify(PerInstruction):
         return {"id": rec_id, "is_classification": label}
 
     async def calibrate(self) -> None:
-        """Score the content-free tasks; their mean becomes the offset every score is measured from."""
+        """Score the content-free tasks (also a check that the teacher gives logprobs at all); with
+        `classify_calibrate` their mean becomes the offset every score is measured from."""
         teacher = self.ctx.teacher
         if not teacher.supports_logprobs:
             raise UserError("this teacher gives no logprobs: use --classify-scoring label")
@@ -154,14 +167,17 @@ class Classify(PerInstruction):
                 "--classify-scoring label"
             )
         scores = [yes_no_score(r.choices[0].top_logprobs or {}) for r in responses]
-        self.offset = sum(scores) / len(scores)
+        offset = sum(scores) / len(scores)
+        applied = self.ctx.cfg.classify_calibrate
+        self.offset = offset if applied else 0.0
         self.ctx.stats[self.stage].extra["calibration"] = {
             "content_free_scores": [round(x, 4) for x in scores],
-            "offset": round(self.offset, 4),
+            "offset": round(offset, 4),
+            "applied": applied,
         }
 
     async def run(self) -> None:
-        if self.logprob and self.todo and self.ctx.cfg.classify_calibrate:
+        if self.logprob and self.todo:
             await self.calibrate()
         await super().run()
 
