@@ -108,7 +108,7 @@ def as_demos(examples: list[SeedTask], answer: Callable[[SeedTask], str] = as_js
 
 def scoring(setting: str, chat: bool) -> str:
     """`--classify-scoring auto`: logprob for chat teachers, where it beat the written label on SmolLM2-135M
-    (balanced accuracy 0.67 against 0.49); the reference's written label for raw prompts, where neither way
+    (balanced accuracy 0.67 against 0.50); the reference's written label for raw prompts, where neither way
     did better than a constant answer."""
     if setting != "auto":
         return setting
@@ -122,8 +122,9 @@ class Classify(PerInstruction):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.logprob = scoring(ctx.cfg.classify_scoring, ctx.chat) == "logprob"
-        # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No
-        self.template = ctx.prompts.get("classify_score" if self.logprob else self.stage)
+        # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No (the
+        # raw prompt's examples already end in "Classification: Yes")
+        self.template = ctx.prompts.get("classify_score" if self.logprob and ctx.chat else self.stage)
         examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed)
         answers = yes_no if self.logprob else as_json
         self.examples, self.demos = ("", as_demos(examples, answers)) if ctx.chat else (as_text(examples), [])
