@@ -104,9 +104,9 @@ class GenerateConfig(Section):
         "teachers, label for --api completions",
     )
     classify_calibrate: bool = Field(
-        False,
-        description="classify, logprob scoring: subtract the score of content-free tasks (contextual "
-        "calibration; measured on SmolLM2-135M it lowered agreement, so it is off by default)",
+        True,
+        description="classify, logprob scoring: subtract the mean score of content-free tasks (contextual "
+        "calibration), so the prompt's lean towards one answer does not decide",
     )
     instances_temperature: float | None = optional(
         "instance generation temperature (reference 0, chat 0.7)", ge=0

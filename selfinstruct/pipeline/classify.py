@@ -38,6 +38,9 @@ from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 EXAMPLES_PER_CLASS = 6
+SCORED_EXAMPLES_PER_CLASS = 10
+"""Logprob scoring shows more worked examples: on SmolLM2-135M (chat) 3, 6 and 10 per class ranked the seed
+tasks with ROC AUC 0.74, 0.77 and 0.84; one 1-token answer makes the longer prompt cheap."""
 TOP_LOGPROBS = 20  # the most OpenAI's API and vLLM's default `max_logprobs` allow
 CONTENT_FREE = ("N/A", "", "[MASK]")
 """Tasks that say nothing (Zhao et al. 2021): the prompt's score on them is its bias."""
@@ -71,14 +74,12 @@ def labelled_seeds(seeds: list[SeedTask]) -> list[SeedTask]:
     return seeds if any(s.is_classification for s in seeds) else load_seed_tasks(PROJECT_SEEDS)
 
 
-def few_shot(seeds: list[SeedTask], seed: int) -> list[SeedTask]:
-    """Up to 6 classification and 6 other seed tasks, shuffled."""
+def few_shot(seeds: list[SeedTask], seed: int, per_class: int = EXAMPLES_PER_CLASS) -> list[SeedTask]:
+    """Up to `per_class` classification and as many other seed tasks, shuffled."""
     rng = random.Random(f"{seed}:classify")
     yes = [s for s in seeds if s.is_classification]
     no = [s for s in seeds if not s.is_classification]
-    picked = rng.sample(yes, min(EXAMPLES_PER_CLASS, len(yes))) + rng.sample(
-        no, min(EXAMPLES_PER_CLASS, len(no))
-    )
+    picked = rng.sample(yes, min(per_class, len(yes))) + rng.sample(no, min(per_class, len(no)))
     rng.shuffle(picked)
     return picked
 
@@ -125,7 +126,8 @@ class Classify(PerInstruction):
         # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No (the
         # raw prompt's examples already end in "Classification: Yes")
         self.template = ctx.prompts.get("classify_score" if self.logprob and ctx.chat else self.stage)
-        examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed)
+        per_class = SCORED_EXAMPLES_PER_CLASS if self.logprob else EXAMPLES_PER_CLASS
+        examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed, per_class)
         answers = yes_no if self.logprob else as_json
         self.examples, self.demos = ("", as_demos(examples, answers)) if ctx.chat else (as_text(examples), [])
         self.offset = 0.0
