@@ -97,11 +97,10 @@ class GenerateConfig(Section):
     )
     bootstrap_max_tokens: int | None = optional("bootstrap max tokens per completion (1024)", ge=1)
     classify_max_tokens: int | None = optional("classification max tokens (reference 3, chat 32)", ge=1)
-    classify_scoring: Literal["auto", "label", "logprob"] = Field(
-        "auto",
+    classify_scoring: Literal["label", "logprob"] = Field(
+        "logprob",
         description="classify: logprob = compare the teacher's P(yes) and P(no) for the first token (one "
-        "1-token request); label = parse the answer it writes (the reference); auto = logprob for chat "
-        "teachers, label for --api completions",
+        "1-token request); label = parse the answer it writes (the reference)",
     )
     classify_calibrate: bool = Field(
         True,

@@ -174,13 +174,13 @@ def test_scoring_flags_and_toml_round_trip(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser, GenerateConfig)
     default = resolve("generate", GenerateConfig, vars(parser.parse_args([])))
-    assert (default.classify_scoring, default.classify_calibrate) == ("auto", True)
-    argv = ["--classify-scoring", "logprob", "--no-classify-calibrate"]
+    assert (default.classify_scoring, default.classify_calibrate) == ("logprob", True)
+    argv = ["--classify-scoring", "label", "--no-classify-calibrate"]
     cfg = resolve("generate", GenerateConfig, vars(parser.parse_args(argv)))
-    assert (cfg.classify_scoring, cfg.classify_calibrate) == ("logprob", False)
+    assert (cfg.classify_scoring, cfg.classify_calibrate) == ("label", False)
     saved = tmp_path / "config.toml"
     saved.write_text(config_to_toml("generate", cfg))
     again = resolve("generate", GenerateConfig, {}, load_toml(saved))
-    assert (again.classify_scoring, again.classify_calibrate) == ("logprob", False)
+    assert (again.classify_scoring, again.classify_calibrate) == ("label", False)
     with pytest.raises(UserError, match="classify_scoring from --classify-scoring"):
         resolve("generate", GenerateConfig, vars(parser.parse_args(["--classify-scoring", "vote"])))

@@ -154,7 +154,14 @@ def test_kept_instructions_are_novel_by_rouge_score(seeds, tmp_path):
 def test_self_instruct_base_model_uses_reference_prompts_and_discards_truncated(seeds, tmp_path):
     responder = Faulty(PipelineResponder(seed=3), {2: Reply.length(" Write a poem\n10. Sort the")})
     with FakeOpenAI(responder=responder) as server:
-        cfg = config(seeds, tmp_path / "run", server, teacher={"api": "completions"}, num_instructions=20)
+        cfg = config(
+            seeds,
+            tmp_path / "run",
+            server,
+            teacher={"api": "completions"},
+            num_instructions=20,
+            classify_scoring="label",  # the reference's written label
+        )
         assert run_generate(cfg) == 0
         sent = generation_requests(server)
     out = tmp_path / "run"
@@ -173,7 +180,6 @@ def test_self_instruct_base_model_uses_reference_prompts_and_discards_truncated(
     assert len(truncated) == 1 and "Sort the" in truncated[0]["instruction"]  # discarded whole
     assert not any(r["instruction"] == "Sort the" for r in lines(out / "instructions.jsonl"))
     classify = next(r for r in sent if r["prompt"].rstrip().endswith("Classification:"))
-    # raw prompts: the reference's written label (--classify-scoring auto), no logprobs
     assert classify["max_tokens"] == 3 and classify["temperature"] == 0 and "logprobs" not in classify
     instances = [r for r in sent if r["prompt"].split("Task:")[-1].strip() and "Example 1" in r["prompt"]]
     assert instances and instances[0]["presence_penalty"] == 1.5
