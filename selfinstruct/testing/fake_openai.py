@@ -4,7 +4,9 @@ It speaks real HTTP on 127.0.0.1 (random port) from a background thread, so the 
 timeouts and connection pooling are exercised exactly as against a real provider. Each request is answered
 by the next scripted `Reply` in the queue, else by the responder callback, else by a default text. Replies
 can inject the faults a real provider produces: 429 with Retry-After, 5xx, slow answers, empty or truncated
-bodies, `finish_reason="length"`, garbage, a 400 for `response_format`, a 404 for an unknown model.
+bodies, `finish_reason="length"`, garbage, a 400 for `response_format` or for `logprobs`, a 404 for an unknown
+model. Requests asking for logprobs get the first token's top k in the API's own shape (chat
+`logprobs.content[0].top_logprobs`, legacy `logprobs.top_logprobs[0]`), from `Reply.top_logprobs`.
 
 One thread per connection (stdlib `ThreadingHTTPServer`): a fixed latency sleeps only its own connection, so
 hundreds of concurrent requests are served in parallel.
