@@ -8,9 +8,11 @@ It starts `python -m vllm.entrypoints.openai.api_server` on the model (default: 
 each pipeline (Self-Instruct with `--num-instructions`, 30; Alpaca with 5 tasks per request) three ways: chat
 prompts with structured output, chat prompts answered in free text (the tolerant parser), and raw
 list-continuation prompts (`--api completions`, the reference's format and decoding); then the classify stage
-on held-out *seed* tasks (few-shot examples come from the other half of the seeds), so its labels can be
-compared with the seeds' own `is_classification`: accuracy, precision, recall, balanced accuracy, and the
-majority-label baseline. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
+on all the *seed* tasks in two folds (each half labelled with few-shot examples from the other half), so its
+labels can be compared with the seeds' own `is_classification`: accuracy, precision, recall, balanced accuracy,
+Cohen's kappa (a constant answer scores 0.5 and 0.0) and, for logprob scoring, ROC AUC; for the written label
+(chat + structured output, raw prompts) and for logprob scoring with and without contextual calibration (chat
+and raw prompts). `--only-classify` measures just that part and keeps the other figures of `--out`. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
 characters, instance answers at 512 tokens, at most `--max-requests` (60) growth requests per run (a style the model
 cannot follow would otherwise run for hours on a CPU; the rates are measured on what it answered), Alpaca answers (5 tasks) at 1024, a 10-minute request timeout (a slow CPU is not a failing server).
 Per stage it reports the parse-valid rate (answers that yielded at least one readable item), the keep rate and
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from selfinstruct.cli import run as cli
 from selfinstruct.generate import GenerateConfig, _identity
@@ -151,50 +154,126 @@ def corpus_metrics(run: Path, self_instruct: bool) -> dict[str, Any]:
     return out
 
 
-def classify_on_seeds(work: Path, seeds_path: Path, teacher: list[str], extra: list[str]) -> dict[str, Any]:
-    """Label half of the seed tasks with the classify stage (few-shot from the other half), against their labels."""
+CLASSIFY_VARIANTS = {
+    "label/chat-structured": ["--structured-output", "--classify-scoring", "label"],
+    "label/completions": ["--api", "completions", "--classify-scoring", "label"],
+    "logprob-calibrated/chat": ["--classify-scoring", "logprob", "--classify-calibrate"],
+    "logprob-calibrated/completions": ["--api", "completions", "--classify-scoring", "logprob", "--classify-calibrate"],
+}  # fmt: skip
+"""Runs of the classify stage on the seeds. The uncalibrated logprob decisions come from the same answers: each
+record's score plus the run's calibration offset is the raw score (greedy 1-token requests, so asking again
+would give the same numbers)."""
+
+
+def agreement(pred: list[bool], truth: list[bool], scores: list[float] | None = None) -> dict[str, Any]:
+    """Accuracy, precision, recall, balanced accuracy, Cohen's kappa (a constant answer: 0.5 and 0.0), ROC AUC."""
+    n = len(truth)
+    tp = sum(p and t for p, t in zip(pred, truth, strict=True))
+    fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
+    fn = sum(t and not p for p, t in zip(pred, truth, strict=True))
+    tn = n - tp - fp - fn
+    accuracy = (tp + tn) / n
+    chance = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
+    out = {
+        "predicted_yes": tp + fp,
+        "accuracy": round(accuracy, 3),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "balanced_accuracy": round(((ratio(tp, tp + fn) or 0.0) + (ratio(tn, tn + fp) or 0.0)) / 2, 3),
+        "kappa": round((accuracy - chance) / (1 - chance), 3) if chance < 1 else 0.0,
+    }
+    if scores is not None:  # threshold-free: how well the score ranks classification tasks first
+        pos = [s for s, t in zip(scores, truth, strict=True) if t]
+        neg = [s for s, t in zip(scores, truth, strict=True) if not t]
+        wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+        out["roc_auc"] = round(wins / (len(pos) * len(neg)), 3)
+    return out
+
+
+def classify_on_seeds(work: Path, seeds_path: Path, teacher: list[str]) -> dict[str, Any]:
+    """Label every seed task with the classify stage, in two folds (each half labelled with few-shot examples
+    from the other half), and compare with the seeds' own `is_classification`."""
     tasks = load_seed_tasks(seeds_path)
     rng = random.Random(0)
     yes = [t for t in tasks if t.is_classification]
     no = [t for t in tasks if not t.is_classification]
     rng.shuffle(yes)
     rng.shuffle(no)
-    shots = yes[: len(yes) // 2] + no[: len(no) // 2]
-    held = yes[len(yes) // 2 :] + no[len(no) // 2 :]
-    run = work / "classify-seeds"
-    if not (run / "state.json").exists():  # a rerun on the same --work only re-reads the results
-        run.mkdir(parents=True, exist_ok=True)
-        shots_file = work / "classify-shots.jsonl"
-        raw = {json.loads(line)["id"]: line for line in seeds_path.read_text().splitlines() if line.strip()}
-        shots_file.write_text("".join(raw[t.id] + "\n" for t in shots))
-        # the held-out seeds enter the run as if they were kept instructions; the classify stage labels them
-        (run / "instructions.jsonl").write_text(
-            "".join(json.dumps({"id": t.id, "instruction": t.instruction, "round": 0}) + "\n" for t in held)
-        )
-        identity = _identity(GenerateConfig(seeds=str(shots_file), out=str(run)))
-        state = {"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0}
-        (run / "state.json").write_text(json.dumps(state))
-    shots_file = work / "classify-shots.jsonl"
-    generate(run, shots_file, teacher, "--stages", "classify", *extra)
-    wall = json.loads((run / "summary.json").read_text())["elapsed_s"]
-    truth = {t.id: bool(t.is_classification) for t in held}
-    pred = {r["id"]: r["is_classification"] for r in read_jsonl(run / "classification.jsonl")}
-    tp = sum(1 for i, y in truth.items() if y and pred.get(i))
-    fp = sum(1 for i, y in truth.items() if not y and pred.get(i))
-    fn = sum(1 for i, y in truth.items() if y and not pred.get(i))
-    tn = len(truth) - tp - fp - fn
-    recall, specificity = ratio(tp, tp + fn) or 0.0, ratio(tn, tn + fp) or 0.0
-    return {
-        "n": len(truth),
-        "positives": tp + fn,
-        "unparseable": sum(1 for i in truth if pred.get(i) is None),
-        "accuracy": ratio(tp + tn, len(truth)),
-        "precision": ratio(tp, tp + fp),
-        "recall": recall,
-        "balanced_accuracy": round((recall + specificity) / 2, 3),
-        "majority_baseline_accuracy": ratio(max(tp + fn, tn + fp), len(truth)),
-        "wall_s": round(wall, 1),
+    folds = [yes[: len(yes) // 2] + no[: len(no) // 2], yes[len(yes) // 2 :] + no[len(no) // 2 :]]
+    raw = {json.loads(line)["id"]: line for line in seeds_path.read_text().splitlines() if line.strip()}
+    truth = {t.id: bool(t.is_classification) for t in tasks}
+    results: dict[str, Any] = {"n": len(tasks), "positives": sum(truth.values())}
+    results["constant_answer"] = {
+        "all_no_accuracy": ratio(len(tasks) - results["positives"], len(tasks)),
+        "balanced_accuracy": 0.5,
+        "kappa": 0.0,
     }
+    for name, flags in CLASSIFY_VARIANTS.items():
+        console.rule(f"classify on the seed tasks: {name}")
+        records: dict[str, dict[str, Any]] = {}
+        offsets: dict[str, float] = {}
+        wall = 0.0
+        for k, held in enumerate(folds):
+            run = work / name.replace("/", "-") / f"fold{k}"
+            shots_file = run.parent / f"shots{k}.jsonl"
+            if not (run / "state.json").exists():  # a rerun on the same --work only re-reads the results
+                run.mkdir(parents=True, exist_ok=True)
+                shots_file.write_text("".join(raw[t.id] + "\n" for t in folds[1 - k]))
+                # the held-out seeds enter the run as if they were kept instructions; the classify stage labels them
+                (run / "instructions.jsonl").write_text(
+                    "".join(
+                        json.dumps({"id": t.id, "instruction": t.instruction, "round": 0}) + "\n"
+                        for t in held
+                    )
+                )
+                identity = _identity(GenerateConfig(seeds=str(shots_file), out=str(run)))
+                state = {"identity": identity, "usage": {}, "elapsed_s": 0.0, "sessions": 0}
+                (run / "state.json").write_text(json.dumps(state))
+            generate(run, shots_file, teacher, "--stages", "classify", *flags)
+            summary = json.loads((run / "summary.json").read_text())
+            wall += summary["elapsed_s"]
+            calibration = summary["stages"]["classify"].get("calibration")
+            for r in read_jsonl(run / "classification.jsonl"):
+                records[r["id"]] = r
+                if calibration and calibration.get("applied", True):
+                    offsets[r["id"]] = calibration["offset"]
+        ids = sorted(truth)
+        gold = [truth[i] for i in ids]
+        if name.startswith("logprob"):
+            calibrated = [records[i]["score"] for i in ids]
+            uncalibrated = [records[i]["score"] + offsets[i] for i in ids]
+            style = name.split("/")[1]
+            results[f"logprob/{style}"] = {
+                **agreement([x > 0 for x in uncalibrated], gold, uncalibrated),
+                "wall_s": round(wall, 1),
+            }
+            results[name] = {
+                **agreement([x > 0 for x in calibrated], gold, calibrated),
+                "calibration_offsets": sorted(set(offsets.values())),
+                "wall_s": round(wall, 1),
+            }
+        else:
+            labels = [records[i]["is_classification"] for i in ids]
+            results[name] = {
+                **agreement([bool(x) for x in labels], gold),
+                "unparseable": sum(x is None for x in labels),
+                "wall_s": round(wall, 1),
+            }
+    return results
+
+
+def print_classify(results: dict[str, Any]) -> None:
+    table = Table(title=f"classify on {results['n']} seed tasks ({results['positives']} classification)")
+    columns = ("accuracy", "precision", "recall", "balanced_accuracy", "kappa", "roc_auc", "predicted_yes")
+    table.add_column("variant")
+    for c in columns:
+        table.add_column(c.replace("_", " "), justify="right")
+    for name, r in results.items():
+        if isinstance(r, dict) and "accuracy" in r:
+            table.add_row(name, *("–" if r.get(c) is None else str(r[c]) for c in columns))
+    c = results["constant_answer"]
+    table.add_row("constant answer", str(c["all_no_accuracy"]), "–", "–", "0.5", "0.0", "0.5", "–")
+    Console(highlight=False, width=150).print(table)
 
 
 def samples(runs: dict[str, Path], k: int) -> list[dict[str, Any]]:
@@ -223,6 +302,11 @@ def main() -> int:
         default=60,
         help="cap per run (a style the model cannot follow stops here)",
     )
+    parser.add_argument(
+        "--only-classify",
+        action="store_true",
+        help="measure only the classify stage on the seeds; the other figures in --out are kept",
+    )
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument(
         "--work", help="keep the run directories here (default: a temp dir); rerunning on it only re-measures"
@@ -246,10 +330,14 @@ def main() -> int:
                "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5", "--alpaca-max-tokens", "1024"]  # fmt: skip
     n = str(args.num_instructions)
     results: dict[str, Any] = {"model": args.model, "num_instructions": args.num_instructions, "runs": {}}
+    if args.only_classify:
+        results = json.loads(Path(args.out).read_text())
     runs: dict[str, Path] = {}
     t0 = time.monotonic()
     try:
         for pipeline, stage in (("self-instruct", "bootstrap"), ("alpaca", "alpaca")):
+            if args.only_classify:
+                break
             for style, flags in STYLES.items():
                 name = f"{pipeline}/{style}"
                 run = work / name.replace("/", "-")
@@ -263,27 +351,24 @@ def main() -> int:
                     stage: growth_metrics(run, stage),
                     "corpus": corpus_metrics(run, pipeline == "self-instruct"),
                 }
-        results["classify_on_seeds"] = {}
-        for style in ("chat-structured", "completions"):
-            console.rule(f"classify on held-out seed tasks ({style})")
-            results["classify_on_seeds"][style] = classify_on_seeds(
-                work / style, seeds, teacher, STYLES[style]
-            )
+        results["classify_on_seeds"] = classify_on_seeds(work / "classify", seeds, teacher)
     finally:
         if server is not None:
             server.terminate()
             server.wait(30)
-    results["samples"] = samples(runs, args.samples)
-    results["wall_s"] = round(time.monotonic() - t0, 1)
-    results["teacher_wall_s"] = round(
-        sum(r["corpus"]["wall_s"] for r in results["runs"].values())
-        + sum(c["wall_s"] for c in results["classify_on_seeds"].values()),
-        1,
-    )
+    classify = results["classify_on_seeds"]
+    classify["wall_s"] = round(sum(classify[name]["wall_s"] for name in CLASSIFY_VARIANTS), 1)
+    if not args.only_classify:
+        results["samples"] = samples(runs, args.samples)
+        results["wall_s"] = round(time.monotonic() - t0, 1)
+        results["teacher_wall_s"] = round(
+            sum(r["corpus"]["wall_s"] for r in results["runs"].values()) + classify["wall_s"], 1
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     console.print_json(json.dumps({k: v for k, v in results.items() if k != "samples"}))
-    console.print(f"wrote {args.out} ({results['wall_s']} s)")
+    print_classify(classify)
+    console.print(f"wrote {args.out} ({round(time.monotonic() - t0, 1)} s)")
     return 0
 
 

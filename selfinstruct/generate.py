@@ -98,6 +98,16 @@ class GenerateConfig(Section):
     )
     bootstrap_max_tokens: int | None = optional("bootstrap max tokens per completion (1024)", ge=1)
     classify_max_tokens: int | None = optional("classification max tokens (reference 3, chat 32)", ge=1)
+    classify_scoring: Literal["label", "logprob"] = Field(
+        "logprob",
+        description="classify: logprob = compare the teacher's P(yes) and P(no) for the first token (one "
+        "1-token request); label = parse the answer it writes (the reference)",
+    )
+    classify_calibrate: bool = Field(
+        True,
+        description="classify, logprob scoring: subtract the mean score of content-free tasks (contextual "
+        "calibration), so the prompt's lean towards one answer does not decide",
+    )
     instances_temperature: float | None = optional(
         "instance generation temperature (reference 0, chat 0.7)", ge=0
     )

@@ -54,17 +54,12 @@ def test_batch_run_matches_a_direct_run_at_half_the_price(seeds: Path, tmp_path:
             (tmp_path / name).mkdir()
             for f in ("instructions.jsonl", "state.json"):
                 (tmp_path / name / f).write_bytes((tmp_path / "base" / f).read_bytes())
-        run_generate(config(seeds, tmp_path / "batch", server, stages=["classify", "instances", "finetune"]))
+        # written labels: every request of both stages goes in a batch (logprob scoring's 3 calibration
+        # requests go direct, see the next test)
+        stages = {"stages": ["classify", "instances", "finetune"], "classify_scoring": "label"}
+        run_generate(config(seeds, tmp_path / "batch", server, **stages))
         assert server.batch_creations == 2  # one per stage
-        run_generate(
-            config(
-                seeds,
-                tmp_path / "direct",
-                server,
-                stages=["classify", "instances", "finetune"],
-                batch_api=False,
-            )
-        )
+        run_generate(config(seeds, tmp_path / "direct", server, batch_api=False, **stages))
         assert server.batch_creations == 2
     for name in ("classification.jsonl", "instances.jsonl", "corpus.jsonl"):  # same records, any order
         batch_records = sorted(map(json.dumps, lines(tmp_path / "batch" / name)))
@@ -78,11 +73,26 @@ def test_batch_run_matches_a_direct_run_at_half_the_price(seeds: Path, tmp_path:
     assert events == ["prepared", "submitted", "finished"] * 2
 
 
+def test_logprob_classification_in_a_batch_matches_a_direct_run(seeds: Path, tmp_path: Path) -> None:
+    with FakeOpenAI(PipelineResponder(seed=5), models=[MODEL], batch_delay=0.1) as server:
+        run_generate(config(seeds, tmp_path / "base", server, stages=["bootstrap"], batch_api=False))
+        for name in ("batch", "direct"):
+            (tmp_path / name).mkdir()
+            for f in ("instructions.jsonl", "state.json"):
+                (tmp_path / name / f).write_bytes((tmp_path / "base" / f).read_bytes())
+        run_generate(config(seeds, tmp_path / "batch", server, stages=["classify"]))
+        assert server.batch_creations == 1
+        run_generate(config(seeds, tmp_path / "direct", server, stages=["classify"], batch_api=False))
+    batch, direct = (lines(tmp_path / name / "classification.jsonl") for name in ("batch", "direct"))
+    assert len(batch) == 20 and "score" in batch[0]
+    assert sorted(map(json.dumps, batch)) == sorted(map(json.dumps, direct))
+
+
 def test_failed_batch_lines_are_retried_and_alpaca_rounds_batch(seeds: Path, tmp_path: Path) -> None:
     with FakeOpenAI(PipelineResponder(seed=4), models=[MODEL]) as server:
         run_generate(config(seeds, tmp_path / "a", server, stages=["bootstrap"], batch_api=False))
         server.script(Reply.server_error(500), Reply.server_error(500))  # two lines of the batch fail
-        run_generate(config(seeds, tmp_path / "a", server, stages=["classify"]))
+        run_generate(config(seeds, tmp_path / "a", server, stages=["classify"], classify_scoring="label"))
         assert server.batch_creations == 2  # the two failed instructions go into a second batch
         assert len(lines(tmp_path / "a" / "classification.jsonl")) == 20
         run_generate(config(seeds, tmp_path / "b", server, pipeline="alpaca"))

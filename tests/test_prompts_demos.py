@@ -54,6 +54,7 @@ def test_every_chat_stage_shows_real_answers_in_its_json_shape(seeds, tmp_path):
                 num_instructions=6,
                 pipeline=pipeline,
                 teacher=teacher,
+                classify_scoring="label",  # the JSON-answering classify prompt (logprob demos answer Yes/No)
             )
             assert run_generate(cfg) == 0
             sent = [r.json for r in server.completions() if r.json.get("max_tokens") != 1]

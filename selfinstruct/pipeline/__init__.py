@@ -158,12 +158,13 @@ class RunContext:
         return max(1, self.teacher.max_in_flight // self.request_batch)
 
     def sampling(self, stage: str, key: object, **extra: Any) -> Sampling:
-        """The stage's decoding. A teacher that honours per-request seeds also gets one, derived from `--seed`
+        """The stage's decoding, `extra` added or overriding. A teacher that honours per-request seeds also gets one, derived from `--seed`
         and a request key, so a rerun asks the same questions with the same seeds."""
+        values = {**self.decoding[stage], **extra}  # `extra` may override the preset
         if not self.teacher.honours_per_request_seed:
-            return Sampling(**self.decoding[stage], **extra)
+            return Sampling(**values)
         digest = hashlib.blake2b(f"{self.cfg.seed}:{stage}:{key}".encode(), digest_size=4).digest()
-        return Sampling(**self.decoding[stage], seed=int.from_bytes(digest, "big") >> 1, **extra)
+        return Sampling(**values, seed=int.from_bytes(digest, "big") >> 1)
 
     def accept(self, stage: str, response: TeacherResponse) -> bool:
         """Count one answer; False for a failed one (its items stay to do). Too many failures in a row abort."""

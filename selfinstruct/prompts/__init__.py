@@ -42,6 +42,7 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "bootstrap": (frozenset({"tasks", "next", "count"}), frozenset({"tasks"})),
     "alpaca": (frozenset({"tasks", "next", "count"}), frozenset({"tasks"})),
     "classify": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
+    "classify_score": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
     "instances_input_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
     "instances_output_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
     # `selfinstruct evolve`: one template per operation, the equality judge and the answer request

@@ -27,6 +27,9 @@ class Sampling:
     seed: int | None = None
     json_schema: dict[str, Any] | None = None
     """When set (and the teacher has structured output enabled) the answer must match this JSON schema."""
+    logprobs: int | None = None
+    """When set, each choice also carries the `logprobs` most likely first tokens (`Choice.top_logprobs`); a
+    teacher whose `supports_logprobs` is False refuses such a request."""
 
 
 @dataclass
@@ -50,6 +53,9 @@ class TeacherRequest:
 class Choice:
     text: str
     finish_reason: str | None  # "stop", "length", … as the backend reports it
+    top_logprobs: dict[str, float] | None = None
+    """The first generated token's most likely alternatives, {token text: natural-log probability}, when the
+    request asked for `Sampling.logprobs` (a backend may add the sampled token to the k it was asked for)."""
 
 
 @dataclass
@@ -109,7 +115,7 @@ class Teacher(abc.ABC):
     `generate` returns responses in request order; `stream` yields `(index, response)` as each finishes so a
     pipeline can filter early answers while later ones are still in flight. What differs between backends and
     matters to a pipeline is said by the capabilities below (`in_process`, `max_in_flight`, `batch_size`,
-    `honours_per_request_seed`), so no code outside `teachers/` asks which backend it has.
+    `honours_per_request_seed`, `supports_logprobs`), so no code outside `teachers/` asks which backend it has.
     """
 
     model: str
@@ -144,6 +150,9 @@ class Teacher(abc.ABC):
     def honours_per_request_seed(self) -> bool:
         """Whether a pipeline should give each request its own `Sampling.seed` (known after `start()`)."""
         return True
+
+    supports_logprobs: ClassVar[bool] = False
+    """Whether answers carry `Choice.top_logprobs` when `Sampling.logprobs` asks for them."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect / load and fail fast (UserError) on a bad endpoint, model name or model path."""

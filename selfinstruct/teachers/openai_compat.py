@@ -208,10 +208,28 @@ def _classify(exc: Exception) -> _Failure:
     raise exc
 
 
+def _chat_top(logprobs: Any) -> dict[str, float] | None:
+    """The first generated token's alternatives from a chat answer's `logprobs.content`."""
+    content = getattr(logprobs, "content", None)
+    if not content:
+        return None
+    first = content[0]
+    top = {t.token: t.logprob for t in first.top_logprobs or []}
+    return top or {first.token: first.logprob}
+
+
+def _completion_top(logprobs: Any) -> dict[str, float] | None:
+    """The first generated token's alternatives from a legacy completion's `logprobs.top_logprobs`."""
+    top = getattr(logprobs, "top_logprobs", None)
+    return dict(top[0]) if top and top[0] else None
+
+
 # ---------------------------------------------------------------------------------------------- teacher
 
 
 class OpenAITeacher(Teacher):
+    supports_logprobs = True  # the API's `logprobs`; a server that answers without them is a bad body
+
     def __init__(self, cfg: TeacherConfig):
         super().__init__(cfg, DEFAULT_CONCURRENCY)
         self.structured_supported = True  # turned off for the run when a server rejects response_format
@@ -470,9 +488,13 @@ class OpenAITeacher(Teacher):
         if request.messages is not None:
             body["messages"] = request.messages
             body["max_completion_tokens" if ep.official else "max_tokens"] = s.max_tokens
+            if s.logprobs is not None:
+                body["logprobs"], body["top_logprobs"] = True, s.logprobs
         else:
             body["prompt"] = request.prompt
             body["max_tokens"] = s.max_tokens
+            if s.logprobs is not None:
+                body["logprobs"] = s.logprobs
         if structured:
             body["response_format"] = {
                 "type": "json_schema",
@@ -500,14 +522,18 @@ class OpenAITeacher(Teacher):
         s = request.sampling
         if request.messages is not None:
             raw = [
-                (c.index, c.message.content if c.message else None, c.finish_reason)
+                (c.index, c.message.content if c.message else None, c.finish_reason, _chat_top(c.logprobs))
                 for c in out.choices or []
             ]
         else:
-            raw = [(c.index, c.text, c.finish_reason) for c in out.choices or []]
+            raw = [(c.index, c.text, c.finish_reason, _completion_top(c.logprobs)) for c in out.choices or []]
         if not raw:
             raise _BadBody("no choices")
-        choices = [Choice(text or "", reason) for _, text, reason in sorted(raw, key=lambda c: c[0] or 0)]
+        choices = [
+            Choice(text or "", reason, top) for _, text, reason, top in sorted(raw, key=lambda c: c[0] or 0)
+        ]
+        if s.logprobs is not None and any(c.top_logprobs is None for c in choices):
+            raise _BadBody("logprobs were asked for but the answer has none")
         if out.usage is not None:
             usage = Usage(out.usage.prompt_tokens or 0, out.usage.completion_tokens or 0)
         else:  # some servers omit usage: estimate so cost and throughput stay meaningful

@@ -5,7 +5,8 @@ runs `LLMEngine.step()` while any are unfinished, and hands each answer back the
 the engine batches everything in flight (continuous batching, as behind an HTTP server), a pipeline sees
 answers, progress and journal records as they come rather than when a whole round ends, and a request given
 up on (Ctrl-C, SIGTERM) is aborted between two steps instead of running to the end. `Sampling` maps 1:1 onto
-`SamplingParams` (`max_tokens` always explicit: vLLM's own default is 16).
+`SamplingParams` (`max_tokens` always explicit: vLLM's own default is 16; `logprobs` are the model's raw ones,
+before temperature or penalties, at most the engine's `max_logprobs`, 20 by default).
 
 vLLM is imported in the engine thread, lazily, so the rest of the tool works without it. The engine spawns
 worker processes, so a script that starts this teacher needs an `if __name__ == "__main__":` guard, and
@@ -70,8 +71,17 @@ def _reap(procs: list[Any], grace: float) -> None:
             proc.kill()
 
 
+def _first_top(logprobs: Any) -> dict[str, float] | None:
+    """{token text: logprob} of the first generated position (vLLM: a list of {token id: Logprob} per position,
+    the top k plus the sampled token)."""
+    if not logprobs:
+        return None
+    return {lp.decoded_token: lp.logprob for lp in logprobs[0].values() if lp.decoded_token is not None}
+
+
 class VLLMTeacher(Teacher):
     in_process = True
+    supports_logprobs = True
 
     def __init__(self, cfg: TeacherConfig):
         super().__init__(cfg, DEFAULT_CONCURRENCY)
@@ -296,12 +306,17 @@ class VLLMTeacher(Teacher):
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             seed=s.seed,
+            logprobs=s.logprobs,
             structured_outputs=StructuredOutputsParams(json=s.json_schema) if structured else None,
         )
 
     def _response(self, request: TeacherRequest, out: Any) -> TeacherResponse:
         copies = request.sampling.n if request.sampling.temperature == 0 else 1
-        choices = [Choice(c.text, c.finish_reason) for _ in range(copies) for c in out.outputs]
+        choices = [
+            Choice(c.text, c.finish_reason, _first_top(c.logprobs))
+            for _ in range(copies)
+            for c in out.outputs
+        ]
         completion_tokens = copies * sum(len(c.token_ids) for c in out.outputs)
         usage = Usage(len(out.prompt_token_ids or []), completion_tokens)
         structured = self.cfg.structured_output and request.sampling.json_schema is not None

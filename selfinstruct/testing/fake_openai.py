@@ -4,7 +4,9 @@ It speaks real HTTP on 127.0.0.1 (random port) from a background thread, so the 
 timeouts and connection pooling are exercised exactly as against a real provider. Each request is answered
 by the next scripted `Reply` in the queue, else by the responder callback, else by a default text. Replies
 can inject the faults a real provider produces: 429 with Retry-After, 5xx, slow answers, empty or truncated
-bodies, `finish_reason="length"`, garbage, a 400 for `response_format`, a 404 for an unknown model.
+bodies, `finish_reason="length"`, garbage, a 400 for `response_format` or for `logprobs`, a 404 for an unknown
+model. Requests asking for logprobs get the first token's top k in the API's own shape (chat
+`logprobs.content[0].top_logprobs`, legacy `logprobs.top_logprobs[0]`), from `Reply.top_logprobs`.
 
 It also speaks the Files and Batches APIs (`/v1/files`, `/v1/files/{id}/content`, `/v1/batches`,
 `/v1/batches/{id}`): a batch stays `in_progress` for `batch_delay` seconds, then its lines are answered like
@@ -24,6 +26,7 @@ import email.parser
 import email.policy
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -48,6 +51,9 @@ class Reply:
     """Seconds to wait before answering (on top of the server's fixed latency)."""
     error: str = ""
     code: str | None = None
+    top_logprobs: dict[str, float] | None = None
+    """The first token's alternatives {token: logprob} sent when the request asks for logprobs (the k most
+    likely of them, as a real server cuts them); None: the first word of the text, with logprob 0."""
 
     @classmethod
     def rate_limited(cls, retry_after: float = 1.0, *, ms: bool = False) -> Reply:
@@ -125,8 +131,10 @@ class FakeOpenAI:
         owned_by: str = "fake",
         batch_delay: float = 0.0,
         batch_api: bool = True,
+        reject_logprobs: bool = False,
     ):
-        """`owned_by`: what `/models` says owns the models ("vllm" poses as a vLLM server)."""
+        """`owned_by`: what `/models` says owns the models ("vllm" poses as a vLLM server);
+        `reject_logprobs`: answer 400 to requests asking for logprobs, as some servers do."""
         self.responder = responder
         self.latency = latency
         self.models = list(models)
@@ -137,6 +145,7 @@ class FakeOpenAI:
         self.files: dict[str, tuple[str, bytes]] = {}  # id -> (filename, content)
         self.batches: dict[str, dict[str, Any]] = {}
         self.batch_creations = 0
+        self.reject_logprobs = reject_logprobs
         self.requests: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -223,6 +232,8 @@ class FakeOpenAI:
             return _error(404, f"The model `{model}` does not exist", "model_not_found")
         if self.reject_response_format and "response_format" in request:
             return _error(400, "response_format is not supported by this server", "invalid_request")
+        if self.reject_logprobs and (request.get("logprobs") or request.get("top_logprobs")):
+            return _error(400, "logprobs are not supported by this server", "invalid_request")
         reply = self._next_reply(request)
         if self.latency + reply.delay > 0 and self._stopping.wait(self.latency + reply.delay):
             return _error(503, "server stopping", None)
@@ -367,19 +378,26 @@ def _completion(path: str, request: dict[str, Any], reply: Reply) -> dict[str, A
     chat = path.endswith("/chat/completions")
     if chat:
         prompt_text = " ".join(str(m.get("content", "")) for m in request.get("messages", []))
+        k = int(request.get("top_logprobs") or 0) if request.get("logprobs") else None
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": t},
                 "finish_reason": reply.finish_reason,
-                "logprobs": None,
+                "logprobs": None if k is None else _chat_logprobs(_top(reply, t, k)),
             }
             for i, t in enumerate(texts)
         ]
     else:
         prompt_text = str(request.get("prompt", ""))
+        k = request.get("logprobs")
         choices = [
-            {"index": i, "text": t, "finish_reason": reply.finish_reason, "logprobs": None}
+            {
+                "index": i,
+                "text": t,
+                "finish_reason": reply.finish_reason,
+                "logprobs": None if k is None else _completion_logprobs(_top(reply, t, int(k))),
+            }
             for i, t in enumerate(texts)
         ]
     prompt_tokens = count_tokens(prompt_text) + (4 * len(request.get("messages", [])) if chat else 0)
@@ -396,6 +414,24 @@ def _completion(path: str, request: dict[str, Any], reply: Reply) -> dict[str, A
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def _top(reply: Reply, text: str, k: int) -> dict[str, float]:
+    """The k most likely first tokens of the answer (at least the first one, as servers also send the sampled
+    token)."""
+    first = re.match(r"\s*\S+", text)
+    top = reply.top_logprobs or {first.group(0) if first else text: 0.0}
+    return dict(sorted(top.items(), key=lambda kv: -kv[1])[: max(1, k)])
+
+
+def _chat_logprobs(top: dict[str, float]) -> dict[str, Any]:
+    entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top.items()]
+    return {"content": [{**entries[0], "top_logprobs": entries}]}
+
+
+def _completion_logprobs(top: dict[str, float]) -> dict[str, Any]:
+    first, lp = next(iter(top.items()))
+    return {"tokens": [first], "token_logprobs": [lp], "top_logprobs": [top], "text_offset": [0]}
 
 
 def _error(status: int, message: str, code: str | None) -> tuple[int, dict[str, str], bytes]:

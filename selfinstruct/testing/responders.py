@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import threading
@@ -169,6 +170,8 @@ class PipelineResponder:
         if rng.random() < self.garbage_rate:
             return "".join(rng.choice("#$%&*@!?~^ ,.;:{}[]0123456789") for _ in range(120))
         structured = "response_format" in request
+        if request.get("logprobs"):  # only the classify stage's logprob scoring asks for them
+            return self._classify_logprobs(text, chat)
         answer = self._answer(text, chat, structured, request, rng)
         if rng.random() < self.truncate_rate:
             return Reply(text=answer[: max(1, len(answer) * 2 // 3)], finish_reason="length")
@@ -264,6 +267,18 @@ class PipelineResponder:
         task = text.rsplit("Task:", 1)[-1].lower()
         yes = any(w in task for w in ("classify", "true or false", "spam", "sentiment"))
         return json.dumps({"is_classification": yes}) if structured else ("Yes" if yes else "No")
+
+    def _classify_logprobs(self, text: str, chat: bool) -> Reply:
+        """A teacher leaning towards "No" (log-odds −0.4 on a content-free task) that still ranks the tasks:
+        raw log-odds +0.9 for classification tasks, −1.7 for the others; calibrated +1.3 and −1.3."""
+        task = text.rsplit("Task:", 1)[-1].split("\n", 1)[0].strip().lower()
+        if task in ("n/a", "", "[mask]"):
+            yes, no = 0.32, 0.48
+        else:
+            yes, no = (0.6, 0.24) if self._classify(text, False) == "Yes" else (0.12, 0.66)
+        space = "" if chat else " "
+        top = {f"{space}Yes": math.log(yes), f"{space}No": math.log(no), "Maybe": math.log(0.05)}
+        return Reply(text=max(top, key=top.__getitem__), top_logprobs=top)
 
     def _instances(self, rng: random.Random, output_first: bool, json_: bool) -> str:
         n = rng.randint(1, 5)
