@@ -47,11 +47,11 @@ from selfinstruct.filters.heuristics import build_heuristics, normalize
 from selfinstruct.filters.rouge import rouge_fmeasure
 from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor, open_state
 from selfinstruct.parsing import _clean_input, _json_values, _object, _text, _unfence, collapse, parse_yes_no
-from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
-from selfinstruct.pipeline.bootstrap import RAW_TEXT_LIMIT
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
+from selfinstruct.pipeline.stage import RAW_TEXT_LIMIT, RunContext, StageStats, run_stage
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CORPUS, REJECTED
 from selfinstruct.seeds import load_alpaca, load_corpus_any
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher

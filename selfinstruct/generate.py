@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -26,40 +26,44 @@ from rich.text import Text
 from selfinstruct.config import Section, optional, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
-from selfinstruct.pipeline import (
-    CORPUS,
-    INSTRUCTIONS,
-    JOURNALED,
-    REJECTED,
+from selfinstruct.pipeline.registry import (
+    CORPUS_STAGE,
+    PIPELINES,
     STAGES,
-    RunContext,
-    StageStats,
+    decoding_fields,
+    pipeline,
     resolve_decoding,
     run_pipeline,
 )
 from selfinstruct.pipeline.runner import Budget, Journal
+from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, StageStats
 from selfinstruct.prompts import Prompts
+from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, JOURNALED, REJECTED, STATE, SUMMARY, Summary
 from selfinstruct.seeds import load_tasks_any
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import Totals
 
-STATE = "state.json"
-SUMMARY = "summary.json"
-CONFIG = "config.toml"
 SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
 
 
-class GenerateConfig(Section):
+_StageDecoding = create_model("_StageDecoding", __base__=Section, **decoding_fields())
+"""One `[generate.<stage>]` table (flags `--<stage>-temperature` …) per registered teacher stage."""
+
+
+class GenerateConfig(_StageDecoding):
     seeds: str = Field(
         "seeds/seed_tasks.jsonl",
         description="seed tasks: self-instruct seed JSONL or Alpaca JSON/JSONL",
         json_schema_extra={"positional": True},
     )
     out: str = Field("outputs/run", description="run directory (rerun the same command on it to resume)")
-    pipeline: Literal["self-instruct", "alpaca"] = Field(
-        "self-instruct", description="self-instruct: 4 stages; alpaca: one step yields complete tasks"
+    pipeline: str = Field(
+        "self-instruct",
+        description="self-instruct: 4 stages; alpaca: one step yields complete tasks {"
+        + ",".join(PIPELINES)
+        + "}",
     )
     stages: list[str] = Field(
         [],
@@ -90,23 +94,6 @@ class GenerateConfig(Section):
     decoding: Literal["auto", "reference", "chat"] = Field(
         "auto", description="decoding preset: auto = reference for --api completions, chat otherwise"
     )
-    bootstrap_temperature: float | None = optional("bootstrap temperature (reference 0.7)", ge=0)
-    bootstrap_top_p: float | None = optional("bootstrap top_p (reference 0.5)", gt=0, le=1)
-    bootstrap_presence_penalty: float | None = optional(
-        "bootstrap presence penalty (reference 2)", ge=-2, le=2
-    )
-    bootstrap_max_tokens: int | None = optional("bootstrap max tokens per completion (1024)", ge=1)
-    classify_max_tokens: int | None = optional("classification max tokens (reference 3, chat 32)", ge=1)
-    instances_temperature: float | None = optional(
-        "instance generation temperature (reference 0, chat 0.7)", ge=0
-    )
-    instances_presence_penalty: float | None = optional(
-        "instance presence penalty (reference 1.5, chat 0)", ge=-2, le=2
-    )
-    instances_max_tokens: int | None = optional("instance max tokens (reference 300, chat 1024)", ge=1)
-    alpaca_temperature: float | None = optional("alpaca temperature (1.0)", ge=0)
-    alpaca_top_p: float | None = optional("alpaca top_p (1.0)", gt=0, le=1)
-    alpaca_max_tokens: int | None = optional("alpaca max tokens (3072)", ge=1)
     # instances and corpus
     max_instances: int = Field(5, ge=1, description="instances per task")
     schema_max_chars: int | None = optional(
@@ -134,11 +121,26 @@ class GenerateConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_decoding_keys(cls, data: Any) -> Any:
+        """`bootstrap_temperature = 0.7` (the flat spelling of earlier versions) means `[generate.bootstrap]`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in [k for k in data if isinstance(k, str)]:
+            stage, _, name = key.partition("_")
+            if name in DECODING_KEYS and stage in cls.model_fields and stage in STAGES:
+                data[stage] = {**dict(data.get(stage) or {}), name: data.pop(key)}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
         if self.num_machine_in_prompt > self.num_prompt_instructions:
             raise ValueError("num_machine_in_prompt must not exceed num_prompt_instructions")
-        known = STAGES[self.pipeline]
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline '{self.pipeline}' ({', '.join(PIPELINES)})")
+        known = PIPELINES[self.pipeline]
         for stage in self.stages:
             if stage not in known:
                 raise ValueError(
@@ -147,7 +149,15 @@ class GenerateConfig(Section):
         return self
 
     def chosen_stages(self) -> list[str]:
-        return [s for s in STAGES[self.pipeline] if not self.stages or s in self.stages]
+        return [s for s in PIPELINES[self.pipeline] if not self.stages or s in self.stages]
+
+    def decoding_overrides(self, stage: str) -> dict[str, Any]:
+        """The decoding values set in `[generate.<stage>]` or by `--<stage>-…` flags (none for a stage
+        registered after this model was built)."""
+        if stage not in type(self).model_fields:
+            return {}
+        section = getattr(self, stage)
+        return section.model_dump(exclude_none=True) if isinstance(section, Section) else {}
 
 
 # ---------------------------------------------------------------- run directory identity and state
@@ -202,12 +212,12 @@ def _mismatch(run: RunDir, identity: dict[str, Any]) -> Callable[[dict[str, Any]
 
 def _initial_stats(run: RunDir, cfg: GenerateConfig) -> dict[str, StageStats]:
     """Counters derived from the files, so a resumed run (even after kill -9) reports the whole run."""
-    stats = {stage: StageStats() for stage in STAGES[cfg.pipeline]}
+    stats = {stage: StageStats() for stage in PIPELINES[cfg.pipeline]}
     for rec in read_jsonl(run / REJECTED):
         stage = stats.get(rec.get("stage"))
         if stage is not None:
             stage.rejected[rec.get("reason", "?")] += 1
-    first = STAGES[cfg.pipeline][0]
+    first = PIPELINES[cfg.pipeline][0]
     kept = sum(1 for _ in read_jsonl(run / INSTRUCTIONS))
     for name, s in stats.items():
         s.parse_failures = s.rejected["unparseable"]
@@ -216,8 +226,8 @@ def _initial_stats(run: RunDir, cfg: GenerateConfig) -> dict[str, StageStats]:
             s.candidates = kept + sum(
                 n for r, n in s.rejected.items() if r not in ("unparseable", "truncated")
             )
-    if (run / CORPUS).exists():
-        stats["finetune"].extra["corpus_records"] = sum(1 for _ in read_jsonl(run / CORPUS))
+    if (run / CORPUS).exists() and CORPUS_STAGE in stats:
+        stats[CORPUS_STAGE].extra["corpus_records"] = sum(1 for _ in read_jsonl(run / CORPUS))
     return stats
 
 
@@ -279,7 +289,7 @@ class Monitor:
             f"rejected: {rejected} · parse fail {s.parse_failures} · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tok · ${usage.cost:.2f} · {self._rate:.1f} req/s"
         )
-        label = "kept" if stage in ("bootstrap", "alpaca") else "done"
+        label = "kept" if STAGES[stage].grows else "done"
         if self.interactive:
             if stage not in self.tasks:
                 self.tasks[stage] = self.progress.add_task(f"{stage} ({label})", total=s.total, info=info)
@@ -301,37 +311,39 @@ class Monitor:
     def elapsed(self) -> float:
         return round(self.state.get("elapsed_s", 0.0) + time.monotonic() - self.started, 3)
 
-    def summary(self, final: bool) -> dict[str, Any]:
+    def summary(self, final: bool) -> Summary:
         ctx = self.ctx
         cfg = ctx.cfg
-        first = STAGES[cfg.pipeline][0]
+        first = PIPELINES[cfg.pipeline][0]
         usage = ctx.budget.total()
         rejected: Counter[str] = Counter()
         for s in ctx.stats.values():
             rejected.update(s.rejected)
-        return {
-            "pipeline": cfg.pipeline,
-            "teacher_model": cfg.teacher.model,
-            "target": cfg.num_instructions,
-            "kept": ctx.stats[first].done,
-            "rejected_by_reason": dict(rejected.most_common()),
-            "parse_failures": sum(s.parse_failures for s in ctx.stats.values()),
-            "candidates": ctx.stats[first].candidates,
-            "requests": usage.requests,
-            "failed_requests": usage.failed_requests,
-            "retries": usage.retries,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cost": round(usage.cost, 6),
-            "elapsed_s": self.elapsed(),
-            "corpus_records": ctx.stats["finetune"].extra.get("corpus_records", 0),
-            "stages": {name: s.to_dict() for name, s in ctx.stats.items()},
-            "finished": final and all(ctx.stats[name].finished for name in cfg.chosen_stages()),
-            "stop_reason": ctx.stop_reason,
-            "sessions": self.state.get("sessions", 1),
-        }
+        return Summary(
+            pipeline=cfg.pipeline,
+            teacher_model=cfg.teacher.model,
+            target=cfg.num_instructions,
+            kept=ctx.stats[first].done,
+            rejected_by_reason=dict(rejected.most_common()),
+            parse_failures=sum(s.parse_failures for s in ctx.stats.values()),
+            candidates=ctx.stats[first].candidates,
+            requests=usage.requests,
+            failed_requests=usage.failed_requests,
+            retries=usage.retries,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost=round(usage.cost, 6),
+            elapsed_s=self.elapsed(),
+            corpus_records=ctx.stats[CORPUS_STAGE].extra.get("corpus_records", 0)
+            if CORPUS_STAGE in ctx.stats
+            else 0,
+            stages={name: s.to_dict() for name, s in ctx.stats.items()},
+            finished=final and all(ctx.stats[name].finished for name in cfg.chosen_stages()),
+            stop_reason=ctx.stop_reason,
+            sessions=self.state.get("sessions", 1),
+        )
 
-    def print_final(self, summary: dict[str, Any], run: RunDir) -> None:
+    def print_final(self, summary: Summary, run: RunDir) -> None:
         """The closing summary; names, paths and reasons are printed as plain text (no rich markup)."""
 
         def line(text: str) -> None:
@@ -384,9 +396,8 @@ def run_generate(
     stages = cfg.chosen_stages()
     prompts = Prompts("chat" if cfg.teacher.api == "chat" else "completion", cfg.prompt_dir)
     for stage in stages:  # fail on a bad template before any request is sent
-        for name in {"instances": ("instances_input_first", "instances_output_first")}.get(stage, (stage,)):
-            if name != "finetune":
-                prompts.get(name)
+        for name in STAGES[stage].templates:
+            prompts.get(name)
     identity = _identity(cfg)
     with RunDir(cfg.out) as run:
         state = open_state(run, identity, "a generate run", _mismatch(run, identity))
@@ -413,6 +424,7 @@ def run_generate(
             ),
             decoding=resolve_decoding(cfg),
             stats=_initial_stats(run, cfg),
+            pipeline=pipeline(cfg.pipeline),
         )
         monitor = Monitor(ctx, state, console)
         ctx.on_tick = monitor.tick

@@ -46,20 +46,21 @@ from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.filters import FilterConfig
 from selfinstruct.filters.heuristics import Repetitive
 from selfinstruct.models import resolve_model
-from selfinstruct.pipeline import (
-    CORPUS,
-    INSTRUCTIONS,
-    REJECTED,
+from selfinstruct.pipeline.runner import Budget, Journal
+from selfinstruct.pipeline.stage import (
+    Candidate,
+    Growing,
+    Keeper,
     PerInstruction,
     RunContext,
     StageStats,
+    prompt_hash,
     read_keyed,
     run_stage,
 )
-from selfinstruct.pipeline.bootstrap import Candidate, Growing, Keeper, prompt_hash
-from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CORPUS, INSTRUCTIONS, REJECTED
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, Totals

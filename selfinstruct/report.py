@@ -36,6 +36,7 @@ from selfinstruct.evaluate import task_of
 from selfinstruct.filters.heuristics import FilterConfig
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CONFIG
 from selfinstruct.seeds import is_seed_format, load_alpaca, load_seed_tasks, load_tasks_any, read_json_records
 from selfinstruct.store import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -116,7 +117,7 @@ def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
 
 def _run_settings(run: Path) -> tuple[str | None, float]:
     """The seed file ([generate] seeds) and the novelty threshold ([filters] threshold) of a run's config."""
-    config = run / "config.toml"
+    config = run / CONFIG
     data = load_toml(config) if config.is_file() else {}
     seeds = data.get("generate", {}).get("seeds")
     threshold = data.get("filters", {}).get("threshold", FilterConfig().threshold)

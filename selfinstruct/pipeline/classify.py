@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no, shown
-from selfinstruct.pipeline import CLASSIFICATION, REJECTED, PerInstruction, RunContext
+from selfinstruct.pipeline.stage import PerInstruction, RunContext, Stage, TemplateVars
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
+from selfinstruct.rundir import CLASSIFICATION, REJECTED, ClassificationRecord
 from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
@@ -76,9 +76,9 @@ class Classify(PerInstruction):
         messages, prompt = self.template.render(self.demos, examples=self.examples, instruction=instruction)
         extra = {"json_schema": CLASSIFY_SCHEMA} if self.ctx.chat else {"stop": ["\n"]}
         sampling = self.ctx.sampling(self.stage, rec_id, **extra)
-        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=(rec_id, instruction))
+        return TeacherRequest(messages, prompt, sampling, (rec_id, instruction), self.template.marker)
 
-    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> dict[str, Any]:
+    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> ClassificationRecord:
         text = response.choices[0].text if response.choices else ""
         label = parse_yes_no(text)
         if label is None:
@@ -86,8 +86,21 @@ class Classify(PerInstruction):
                 self.stage, instruction, "unparseable", 0, id=rec_id, answer=text[:200]
             )
             self.ctx.journal.append(REJECTED, [reject])
-        return {"id": rec_id, "is_classification": label}
+        return ClassificationRecord(id=rec_id, is_classification=label)
 
 
 async def run(ctx: RunContext) -> None:
     await Classify(ctx).run()
+
+
+STAGE = Stage(
+    name="classify",
+    run=run,
+    templates={"classify": TemplateVars(frozenset({"examples", "instruction"}), frozenset({"instruction"}))},
+    decoding={
+        "reference": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3},
+        # `{"is_classification": false}` does not fit in 3 tokens
+        "chat": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 32},
+    },
+    output=CLASSIFICATION,
+)

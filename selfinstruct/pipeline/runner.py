@@ -68,11 +68,14 @@ class Budget:
 
 
 class Journal:
-    """Append-only JSONL files and snapshot files written by one background thread, many records per fsync."""
+    """Append-only JSONL files and snapshot files written by one background thread, many records per fsync.
+
+    `names` are opened at once (opening recovers a torn last line); a file first named by `append` (a stage's
+    own output) is opened by the writer thread before its first write."""
 
     def __init__(self, run: RunDir, names: Sequence[str]):
         self.run = run
-        self._writers = {name: run.writer(name) for name in names}  # opening recovers a torn last line
+        self._writers = {name: run.writer(name) for name in names}
         self._pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._snapshots: dict[str, Any] = {}
         self._cond = threading.Condition()
@@ -136,6 +139,8 @@ class Journal:
                 upto = self._submitted
             try:
                 for name, records in pending.items():
+                    if name not in self._writers:
+                        self._writers[name] = self.run.writer(name)
                     self._writers[name].write(records)
                 for name, obj in snapshots.items():
                     atomic_write_json(self.run / name, obj)

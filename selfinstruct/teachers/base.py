@@ -29,17 +29,24 @@ class Sampling:
     """When set (and the teacher has structured output enabled) the answer must match this JSON schema."""
 
 
+MARKER_HEADER = "X-Selfinstruct-Stage"
+"""The HTTP header carrying `TeacherRequest.marker`."""
+
+
 @dataclass
 class TeacherRequest:
     """Exactly one of `messages` (chat) or `prompt` (raw text a base model continues) is set.
 
     `tag` is the caller's own bookkeeping (round, prompt hash, seed ids shown); teachers pass it through.
+    `marker` names the template the request was rendered from; an HTTP teacher sends it as the
+    `X-Selfinstruct-Stage` header (servers ignore it; the fake server's scripted teachers answer by it).
     """
 
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
     tag: Any = None
+    marker: str | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -43,7 +43,14 @@ from urllib.parse import urlsplit
 import openai
 
 from selfinstruct.errors import UserError
-from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, Usage
+from selfinstruct.teachers.base import (
+    MARKER_HEADER,
+    Choice,
+    Teacher,
+    TeacherRequest,
+    TeacherResponse,
+    Usage,
+)
 from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
 
@@ -334,9 +341,7 @@ class OpenAITeacher(Teacher):
         while response.error is None and len(response.choices) < s.n:
             seed = None if s.seed is None else s.seed + len(response.choices)
             sampling = replace(s, n=s.n - len(response.choices), seed=seed)
-            more = await self._complete(
-                TeacherRequest(request.messages, request.prompt, sampling, request.tag)
-            )
+            more = await self._complete(replace(request, sampling=sampling))
             if more.error is not None:
                 break  # keep the choices we have
             response.choices += more.choices
@@ -471,6 +476,8 @@ class OpenAITeacher(Teacher):
             args["seed"] = s.seed
         if timeout is not None:
             args["timeout"] = timeout
+        if request.marker is not None:
+            args["extra_headers"] = {MARKER_HEADER: request.marker}
         response_format = (
             {
                 "type": "json_schema",

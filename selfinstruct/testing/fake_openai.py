@@ -6,6 +6,10 @@ by the next scripted `Reply` in the queue, else by the responder callback, else 
 can inject the faults a real provider produces: 429 with Retry-After, 5xx, slow answers, empty or truncated
 bodies, `finish_reason="length"`, garbage, a 400 for `response_format`, a 404 for an unknown model.
 
+A responder sees the request body, plus the `X-Selfinstruct-Stage` header (`TeacherRequest.marker`: the
+template the request was rendered from) under the key `MARKER`, so a scripted teacher can answer by stage
+without reading the prompt's wording.
+
 One thread per connection (stdlib `ThreadingHTTPServer`): a fixed latency sleeps only its own connection, so
 hundreds of concurrent requests are served in parallel.
 """
@@ -24,6 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from selfinstruct.teachers.base import MARKER_HEADER
+
+MARKER = "x_selfinstruct_stage"
+"""Key of the marker header in the request a responder is given."""
 
 
 @dataclass
@@ -182,11 +191,14 @@ class FakeOpenAI:
             return [r for r in self.requests if r.path != "/v1/models" and r.path.endswith(path_suffix)]
 
     # -- answering (called from handler threads) ------------------------------------------------------------
-    def _next_reply(self, request: dict[str, Any]) -> Reply:
+    def _next_reply(self, request: dict[str, Any], marker: str | None) -> Reply:
         with self._lock:
             reply = self._script.popleft() if self._script else Reply()
         if reply.text is None and reply.body is None and reply.status == 200:
-            answer = self.responder(request) if self.responder else _default_text(request)
+            if self.responder:
+                answer = self.responder({**request, MARKER: marker} if marker else request)
+            else:
+                answer = _default_text(request)
             if isinstance(answer, Reply):
                 return answer
             reply = dataclasses.replace(
@@ -194,7 +206,9 @@ class FakeOpenAI:
             )  # a scripted delay / finish_reason keeps its fault
         return reply
 
-    def _answer(self, path: str, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    def _answer(
+        self, path: str, request: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
         if path == "/v1/models":
             data = [
                 {"id": m, "object": "model", "created": 0, "owned_by": self.owned_by} for m in self.models
@@ -207,7 +221,7 @@ class FakeOpenAI:
             return _error(404, f"The model `{model}` does not exist", "model_not_found")
         if self.reject_response_format and "response_format" in request:
             return _error(400, "response_format is not supported by this server", "invalid_request")
-        reply = self._next_reply(request)
+        reply = self._next_reply(request, headers.get(MARKER_HEADER.lower()))
         if self.latency + reply.delay > 0 and self._stopping.wait(self.latency + reply.delay):
             return _error(503, "server stopping", None)
         if reply.status != 200:
@@ -332,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
         try:
             try:
-                answer = fake._answer(path, request)
+                answer = fake._answer(path, request, headers)
             except Exception as exc:  # a broken test responder: say so instead of dropping the connection
                 answer = _error(500, f"fake server responder failed: {exc!r}", None)
             self._send(*answer)
