@@ -47,7 +47,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import KEPT, REJECTED, SUMMARY, CurationRejection
 from selfinstruct.seeds import load_corpus_rows
-from selfinstruct.store import RunDir
+from selfinstruct.store import RunDir, existing_outputs
 
 Method = Literal["exact", "minhash", "semantic"]
 FIELDS = ("instruction", "input", "output")
@@ -311,9 +311,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
         raise UserError("dedup: give a corpus (selfinstruct dedup CORPUS --out DIR)")
     src = Path(cfg.input)
     out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}-dedup")
-    existing = [out / name for name in OUTPUTS if (out / name).exists()]
-    if existing and not cfg.force:
-        raise UserError(f"{existing[0]} exists (use --force to overwrite, or another --out)")
+    existing = existing_outputs((out / name for name in OUTPUTS), cfg.force)
     rows = load_corpus_rows(src)
     texts = [record_text(r, cfg.fields) for _, _, r in rows]
     eval_rows = load_corpus_rows(cfg.against) if cfg.against else []

@@ -8,10 +8,8 @@ The stages themselves live in `selfinstruct.pipeline`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,13 +34,13 @@ from selfinstruct.pipeline.registry import (
     run_pipeline,
 )
 from selfinstruct.pipeline.runner import Budget, Journal
+from selfinstruct.pipeline.session import exit_code, teacher_session
 from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, StageStats
 from selfinstruct.prompts import Prompts
 from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, JOURNALED, REJECTED, STATE, SUMMARY, Summary
 from selfinstruct.seeds import load_tasks_any
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
-from selfinstruct.teachers.base import Totals
 
 SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
@@ -289,7 +287,7 @@ class Monitor:
             f"rejected: {rejected} · parse fail {s.parse_failures} · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tok · ${usage.cost:.2f} · {self._rate:.1f} req/s"
         )
-        label = "kept" if STAGES[stage].grows else "done"
+        label = self.label(stage)
         if self.interactive:
             if stage not in self.tasks:
                 self.tasks[stage] = self.progress.add_task(f"{stage} ({label})", total=s.total, info=info)
@@ -304,6 +302,23 @@ class Monitor:
                 f"[{stage}] {label} {s.done}/{s.total} · {info}{eta}", highlight=False, markup=False
             )
 
+    def teacher_usage(self) -> dict[str, Any]:
+        """The whole run's teacher accounting, as every summary.json reports it."""
+        u = self.ctx.budget.total()
+        return {
+            "requests": u.requests,
+            "failed_requests": u.failed_requests,
+            "retries": u.retries,
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "cost": round(u.cost, 6),
+        }
+
+    def label(self, stage: str) -> str:
+        """What a stage's progress counts: kept instructions (a growing stage) or items done."""
+        grows = stage in STAGES and STAGES[stage].grows
+        return "kept" if grows else "done"
+
     def state_snapshot(self) -> dict[str, Any]:
         usage = self.ctx.budget.total()
         return {**self.state, "usage": vars(usage), "elapsed_s": self.elapsed()}
@@ -315,7 +330,6 @@ class Monitor:
         ctx = self.ctx
         cfg = ctx.cfg
         first = PIPELINES[cfg.pipeline][0]
-        usage = ctx.budget.total()
         rejected: Counter[str] = Counter()
         for s in ctx.stats.values():
             rejected.update(s.rejected)
@@ -327,12 +341,7 @@ class Monitor:
             rejected_by_reason=dict(rejected.most_common()),
             parse_failures=sum(s.parse_failures for s in ctx.stats.values()),
             candidates=ctx.stats[first].candidates,
-            requests=usage.requests,
-            failed_requests=usage.failed_requests,
-            retries=usage.retries,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cost=round(usage.cost, 6),
+            **self.teacher_usage(),
             elapsed_s=self.elapsed(),
             corpus_records=ctx.stats[CORPUS_STAGE].extra.get("corpus_records", 0)
             if CORPUS_STAGE in ctx.stats
@@ -414,62 +423,25 @@ def run_generate(
             teacher=the_teacher,
             prompts=prompts,
             journal=journal,
-            budget=Budget(
-                cfg.max_requests,
-                cfg.max_tokens,
-                cfg.max_cost,
-                earlier=Totals(**state.get("usage", {})),
-                stats=the_teacher.stats,
-                at_start=Totals.of(the_teacher.stats),
-            ),
+            budget=Budget.resumed(cfg, state.get("usage", {}), the_teacher.stats),
             decoding=resolve_decoding(cfg),
             stats=_initial_stats(run, cfg),
             pipeline=pipeline(cfg.pipeline),
         )
         monitor = Monitor(ctx, state, console)
         ctx.on_tick = monitor.tick
-        signals: list[int] = []  # the signal that stopped the run, if one did
         try:
             with monitor:
-                asyncio.run(_session(ctx, stages, own_teacher, console, signals))
+                asyncio.run(_session(ctx, stages, own_teacher, console))
         finally:
             journal.close()
             summary = monitor.summary(final=True)
             atomic_write_json(run / SUMMARY, summary)
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
-    if ctx.stop_reason == "interrupted":
-        return 128 + signals[0] if signals and signals[0] == signal.SIGTERM else 130
-    return 0
+    return exit_code(ctx)
 
 
-async def _session(
-    ctx: RunContext, stages: list[str], own_teacher: bool, console: Console, signals: list[int]
-) -> None:
-    """Start the teacher, run the stages, close the teacher. The first SIGINT or SIGTERM (recorded in
-    `signals`) stops the run gently: answers in flight are given up (the vLLM engine aborts them between two
-    steps), what is complete is written, the teacher shuts down; a second one stops the process at once."""
-    loop = asyncio.get_running_loop()
-    ctx.stop = asyncio.Event()
-
-    def interrupt(sig: int) -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
-        signals.append(sig)
-        ctx.stop.set()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(s)  # a second signal interrupts for real
-
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt, sig)
-            handled.append(sig)
-    try:
-        if own_teacher:
-            await ctx.teacher.start()
+async def _session(ctx: RunContext, stages: list[str], own_teacher: bool, console: Console) -> None:
+    async with teacher_session(ctx, own_teacher, console):
         await run_pipeline(ctx, stages)
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if own_teacher:
-            await ctx.teacher.close()

@@ -649,7 +649,6 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
     """Rate what is missing with the teacher (judge and/or deita); returns (stop reason, unparseable answers)."""
     from selfinstruct.pipeline.runner import Budget, Journal
     from selfinstruct.teachers import make_teacher
-    from selfinstruct.teachers.base import Totals
 
     state_path = run / STATE
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
@@ -658,14 +657,7 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
         return None, 0
     own = teacher is None
     the_teacher = teacher or make_teacher(cfg.teacher)
-    budget = Budget(
-        cfg.max_requests,
-        cfg.max_tokens,
-        cfg.max_cost,
-        earlier=Totals(**state.get("usage", {})),
-        stats=the_teacher.stats,
-        at_start=Totals.of(the_teacher.stats),
-    )
+    budget = Budget.resumed(cfg, state.get("usage", {}), the_teacher.stats)
     raters = []
     for s in scorers:
         rater = _Rater(s, todo[s], the_teacher, templates[s], cfg, budget)

@@ -28,7 +28,7 @@ from selfinstruct.filters import CandidateFilter, Decision
 from selfinstruct.filters.heuristics import FilterConfig
 from selfinstruct.rundir import KEPT, REJECTED, SUMMARY, CurationRejection
 from selfinstruct.seeds import is_seed_format, read_json_records
-from selfinstruct.store import RunDir
+from selfinstruct.store import RunDir, existing_outputs
 
 OUTPUTS = (KEPT, REJECTED, SUMMARY)
 
@@ -108,9 +108,7 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
         raise UserError("filter: give a corpus file (selfinstruct filter CORPUS --out DIR)")
     src = Path(cfg.input)
     out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}-filtered")
-    existing = [out / name for name in OUTPUTS if (out / name).exists()]
-    if existing and not cfg.force:
-        raise UserError(f"{existing[0]}: already exists (use --force to overwrite)")
+    existing = existing_outputs((out / name for name in OUTPUTS), cfg.force)
     records = read_json_records(src)
     texts = _texts(src, records, cfg.field)
     pool = _texts(Path(cfg.pool), read_json_records(cfg.pool), cfg.field) if cfg.pool else []

@@ -44,6 +44,14 @@ class Budget:
     stats: TeacherStats
     at_start: Totals  # the teacher's own totals when this session began (a shared teacher may have some)
 
+    @classmethod
+    def resumed(cls, cfg: Any, usage: dict[str, Any], stats: TeacherStats) -> Budget:
+        """The caps of a command's settings (`max_requests`, `max_tokens`, `max_cost`) for this session of a
+        run whose earlier sessions spent `usage` (from state.json); `stats` are the teacher's own counters."""
+        return cls(
+            cfg.max_requests, cfg.max_tokens, cfg.max_cost, Totals(**usage), stats, at_start=Totals.of(stats)
+        )
+
     def total(self) -> Totals:
         return self.earlier.plus(self.stats).plus(self.at_start, -1)
 

@@ -133,9 +133,8 @@ class RunContext:
     stats: dict[str, StageStats] = field(default_factory=dict)
     on_tick: Callable[[str], None] = lambda stage: None
     stop_reason: str | None = None  # why the run stopped early: a budget cap, "interrupted", "no_progress"
-    pipeline: tuple[
-        Stage, ...
-    ] = ()  # every stage of the pipeline being run (also those not chosen this time)
+    pipeline: tuple[Stage, ...] = ()  # the whole pipeline being run (also the stages not chosen this time)
+    signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
     _failures_in_a_row: int = 0
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import threading
@@ -519,3 +520,20 @@ class MagpieResponder:
             return [instruction(rng) for _ in range(int(request.get("n") or 1))]
         query = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
         return f"Here is my answer to '{query}': {_sentence(rng)}"
+
+
+class SignalOnFirstRequest:
+    """Wrap a responder: the first request sends `sig` to this very process (as `kill` would) and is answered
+    only after `delay` seconds, so the command is stopped with a request in flight."""
+
+    def __init__(self, inner: Callable[[dict[str, Any]], str | Reply], sig: int, delay: float = 1.0):
+        self.inner, self.sig, self.delay = inner, sig, delay
+        self._sent = threading.Event()
+
+    def __call__(self, request: dict[str, Any]) -> str | Reply:
+        answer = self.inner(request)
+        if self._sent.is_set():
+            return answer
+        self._sent.set()
+        os.kill(os.getpid(), self.sig)
+        return Reply.slow(self.delay, answer if isinstance(answer, str) else None)
