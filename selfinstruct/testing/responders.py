@@ -196,6 +196,8 @@ class PipelineResponder:
             output_first = marker == "instances_output_first"
             json_ = chat and (structured or not self.messy)
             return ("" if chat else "\n") + self._instances(rng, output_first=output_first, json_=json_)
+        if marker is None:  # not a pipeline request: the teacher's start-up check ("Say OK.")
+            return "OK"
         raise ValueError(f"PipelineResponder: no answer for a request marked {marker!r}")
 
     # -- bootstrap ------------------------------------------------------------------------------------
