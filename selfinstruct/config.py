@@ -73,9 +73,11 @@ def iter_flags(model: type[Section], prefix: tuple[str, ...] = (), flag_prefix: 
     """Yield (path, flag, field) for every leaf field, flattening nested sections without a prefix (a subtable's
     flags get its own prefix).
 
-    A field declared with `json_schema_extra={"flag": None}` is TOML-only and yields no flag.
+    A field declared with `json_schema_extra={"flag": None}` is TOML-only and yields no flag. Subtables come
+    last (they are the detail settings, and `--help` lists flags in this order).
     """
-    for name, field in model.model_fields.items():
+    fields = sorted(model.model_fields.items(), key=lambda item: _is_subtable(item[1]))
+    for name, field in fields:
         if _is_section(field.annotation):
             sub_prefix = _extra(field).get("flag_prefix", "")
             yield from iter_flags(

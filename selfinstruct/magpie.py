@@ -60,7 +60,7 @@ from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, REJECTED, STATE, SUMMARY
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
-from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
+from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher, teacher_class
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 ANSWERS = "answers.jsonl"
@@ -577,7 +577,7 @@ class MagpieMonitor(Monitor):
 
 
 def _check(cfg: MagpieConfig) -> None:
-    if cfg.teacher.backend == "openai" and cfg.teacher.api == "chat":
+    if not teacher_class(cfg.teacher).in_process and cfg.teacher.api == "chat":
         raise UserError(
             "magpie sends raw prompts, which a chat endpoint does not take: use --api completions "
             "(a /v1/completions endpoint) or --teacher vllm"

@@ -333,8 +333,8 @@ class _Rater(NeedsEveryAnswer):
         self.sampling = Sampling(
             temperature=0.0, top_p=1.0, max_tokens=cfg.judge_max_tokens, json_schema=schema
         )
-        self.batch = teacher.concurrency if cfg.teacher.backend == "vllm" else 1
-        self.http_seed = None if cfg.teacher.backend == "vllm" else cfg.seed
+        self.batch = teacher.concurrency if teacher.in_process else 1
+        self.http_seed = None if teacher.in_process else cfg.seed
         self.emit: Callable[[list[dict[str, Any]]], None] = lambda lines: None
         self.advance: Callable[[int], None] = lambda n: None
         self.stop_reason: str | None = None
@@ -401,7 +401,7 @@ async def _rate_all(teacher: Any, raters: list[_Rater], own: bool, stop: asyncio
     try:
         if own:
             await teacher.start()
-        slots = 1 if teacher.cfg.backend == "vllm" else teacher.concurrency
+        slots = 1 if teacher.in_process else teacher.concurrency
         for rater in raters:
             if not await drive(teacher, rater, slots, stop):
                 return False

@@ -80,3 +80,9 @@ def test_the_package_has_no_import_cycle():
     }
     assert "selfinstruct.pipeline.registry" in graph["selfinstruct.generate"]  # the walk sees real imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_no_code_outside_teachers_asks_which_backend_it_has():
+    """Capabilities (`in_process`, `max_in_flight`, `batch_size`, `honours_per_request_seed`) say what matters."""
+    outside = [p for p in PACKAGE.rglob("*.py") if "teachers" not in p.relative_to(PACKAGE).parts]
+    assert not [p.name for p in outside if "backend ==" in p.read_text(encoding="utf-8")]
