@@ -8,10 +8,24 @@ and rebuilds `corpus.jsonl` from those files every time.
 
 Modules: `stage` (the `Stage` declaration, the shared `RunContext` and the stage base classes), one module per
 stage, `registry` (stages by name, pipelines, per-stage decoding, `run_pipeline`), `runner` (the in-flight loop,
-the journal, budget caps). The names below are re-exported for the commands built on the same machinery
-(evolve, magpie).
+the journal, budget caps), `session` (teacher start/close and signals). The names below keep their old import
+path (`from selfinstruct.pipeline import RunContext, CORPUS`) for commands built on the same machinery; the
+file names live in `selfinstruct.rundir`.
 """
 
 from selfinstruct.pipeline.stage import PerInstruction, RunContext, StageStats, read_keyed, run_stage
+from selfinstruct.rundir import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, JOURNALED, REJECTED
 
-__all__ = ["PerInstruction", "RunContext", "StageStats", "read_keyed", "run_stage"]
+__all__ = [
+    "CLASSIFICATION",
+    "CORPUS",
+    "INSTANCES",
+    "INSTRUCTIONS",
+    "JOURNALED",
+    "REJECTED",
+    "PerInstruction",
+    "RunContext",
+    "StageStats",
+    "read_keyed",
+    "run_stage",
+]
