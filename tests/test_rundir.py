@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import get_type_hints
 
 from selfinstruct.generate import GenerateConfig, run_generate
+from selfinstruct.pipeline.registry import pipeline
+from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import (
     CLASSIFICATION,
     CORPUS,
@@ -49,12 +51,15 @@ def test_a_generate_run_writes_the_declared_files_and_record_shapes(tmp_path):
         )
     written = {p.name for p in out.iterdir()} - {".lock"}
     assert written == set(RUN_FILES) | {STATE}
-    shapes = {
+    shapes = {REJECTED: RejectedRecord} | {s.output: s.record for s in pipeline("self-instruct") if s.output}
+    assert shapes == {
         INSTRUCTIONS: KeptRecord,
         REJECTED: RejectedRecord,
         CLASSIFICATION: ClassificationRecord,
         INSTANCES: InstancesRecord,
+        CORPUS: CorpusRecord,
     }
+    del shapes[CORPUS]  # a dataclass: its lines are checked below
     for name, shape in shapes.items():
         records = [json.loads(line) for line in (out / name).read_text().splitlines()]
         assert records, name

@@ -16,7 +16,7 @@ from selfinstruct.parsing import parse_tasks, shown, tasks_schema
 from selfinstruct.pipeline.stage import Candidate, Growing, RunContext, Stage, TemplateVars, prompt_hash
 from selfinstruct.prompts import Demo
 from selfinstruct.records import Instance, SeedTask
-from selfinstruct.rundir import INSTRUCTIONS
+from selfinstruct.rundir import INSTRUCTIONS, KeptRecord
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 DEMO_ANSWER = 3
@@ -115,5 +115,6 @@ STAGE = Stage(
         "chat": {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3072},
     },
     output=INSTRUCTIONS,
+    record=KeptRecord,
     grows=True,
 )

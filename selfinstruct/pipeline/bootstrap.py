@@ -25,7 +25,7 @@ from selfinstruct.pipeline.stage import (
     prompt_hash,
 )
 from selfinstruct.prompts import Demo
-from selfinstruct.rundir import INSTRUCTIONS
+from selfinstruct.rundir import INSTRUCTIONS, KeptRecord
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 DEMO_LIST = 4
@@ -122,5 +122,6 @@ STAGE = Stage(
         "chat": {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 1024},
     },
     output=INSTRUCTIONS,
+    record=KeptRecord,
     grows=True,
 )

@@ -103,4 +103,5 @@ STAGE = Stage(
         "chat": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 32},
     },
     output=CLASSIFICATION,
+    record=ClassificationRecord,
 )

@@ -148,4 +148,5 @@ STAGE = Stage(
         "chat": {"temperature": 0.7, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 1024},
     },
     output=INSTANCES,
+    record=InstancesRecord,
 )

@@ -122,4 +122,4 @@ async def run(ctx: RunContext) -> None:
     }
 
 
-STAGE = Stage(name=NAME, run=run, output=CORPUS)
+STAGE = Stage(name=NAME, run=run, output=CORPUS, record=CorpusRecord)

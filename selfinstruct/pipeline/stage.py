@@ -55,7 +55,8 @@ class Stage:
     they are checked before any request is sent, and requests rendered from them carry the name as their
     `marker`. `decoding`: per preset (`reference`, `chat`) the values of `DECODING_KEYS`; a stage without it
     sends no requests (it still runs after a budget cap stopped the teacher stages, but not after Ctrl-C).
-    `output`: the run-directory file the stage appends its records to. `grows`: the stage's progress counts kept
+    `output`: the run-directory file the stage writes, `record` the type of one of its lines (a `rundir`
+    TypedDict; tests check the files against it). `grows`: the stage's progress counts kept
     instructions towards `--num-instructions` (the first stage of a pipeline).
     """
 
@@ -64,6 +65,7 @@ class Stage:
     templates: Mapping[str, TemplateVars] = field(default_factory=dict)
     decoding: Mapping[str, Mapping[str, Any]] | None = None
     output: str | None = None
+    record: type | None = None
     grows: bool = False
 
     def __post_init__(self) -> None:
