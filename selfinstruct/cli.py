@@ -73,7 +73,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "split": Command(
         "Split a corpus into train and held-out sets by task category (for evaluating unseen task types).",
-        "selfinstruct.evaluate:SplitConfig:run_split",
+        "selfinstruct.split:SplitConfig:run_split",
     ),
     "templatize": Command(
         "Turn a labelled dataset into FLAN-style instruction records with Jinja templates (YAML).",

@@ -5,6 +5,9 @@ TOML table named after the command (`[generate]`, `[train]`, …). A field whose
 (e.g. `teacher: TeacherConfig`) is read from its own top-level table (`[teacher]`) and its flags are flattened
 without a prefix (`--model`, `--base-url`), so one `run.toml` can configure every command.
 
+A field declared with `subtable(...)` is a table *inside* the command's table instead (`[generate.bootstrap]`),
+and its flags carry a prefix (`--bootstrap-temperature`): settings that belong to one command only.
+
 Precedence: model defaults < TOML file < flags. Any unknown key or bad value is a `UserError` naming the key
 (and the flag or file it came from). Saved configs never hold secrets: keys that look secret are redacted and
 passwords in URLs are masked.
@@ -62,16 +65,26 @@ def _extra(field: Any) -> dict[str, Any]:
     return extra if isinstance(extra, dict) else {}
 
 
-def iter_flags(model: type[Section], prefix: tuple[str, ...] = ()):
-    """Yield (path, flag, field) for every leaf field, flattening nested sections without a prefix.
+def _is_subtable(field: Any) -> bool:
+    return bool(_extra(field).get("subtable"))
 
-    A field declared with `json_schema_extra={"flag": None}` is TOML-only and yields no flag.
+
+def iter_flags(model: type[Section], prefix: tuple[str, ...] = (), flag_prefix: str = ""):
+    """Yield (path, flag, field) for every leaf field, flattening nested sections without a prefix (a subtable's
+    flags get its own prefix).
+
+    A field declared with `json_schema_extra={"flag": None}` is TOML-only and yields no flag. Subtables come
+    last (they are the detail settings, and `--help` lists flags in this order).
     """
-    for name, field in model.model_fields.items():
+    fields = sorted(model.model_fields.items(), key=lambda item: _is_subtable(item[1]))
+    for name, field in fields:
         if _is_section(field.annotation):
-            yield from iter_flags(_unwrap_optional(field.annotation), (*prefix, name))
+            sub_prefix = _extra(field).get("flag_prefix", "")
+            yield from iter_flags(
+                _unwrap_optional(field.annotation), (*prefix, name), flag_prefix + sub_prefix
+            )
         else:
-            flag = _extra(field).get("flag", "--" + name.replace("_", "-"))
+            flag = _extra(field).get("flag", "--" + flag_prefix + name.replace("_", "-"))
             if flag is not None:
                 yield (*prefix, name), flag, field
 
@@ -170,7 +183,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def _toml_values(command: str, model: type[Section], data: dict[str, Any]) -> dict[str, Any]:
     """Pick the command's table and the tables of its nested sections out of a parsed TOML document."""
-    nested = {name for name, f in model.model_fields.items() if _is_section(f.annotation)}
+    nested = {
+        name for name, f in model.model_fields.items() if _is_section(f.annotation) and not _is_subtable(f)
+    }
     values = dict(data.get(command, {}))
     for name in nested:
         if name in data:
@@ -219,10 +234,14 @@ def resolve(
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
             table = command if len(loc) == 1 else loc[0]
+            if len(loc) > 1 and loc[0] in model.model_fields and _is_subtable(model.model_fields[loc[0]]):
+                table = f"{command}.{loc[0]}"
             raise UserError(f"{toml_source}: unknown key '{loc[-1]}' in [{table}]") from None
         where = flag_origin.get(tuple(err["loc"][: len(loc)]))
         if where is None:
             top_nested = loc[0] if len(loc) > 1 and loc[0] in model.model_fields else None
+            if top_nested and _is_subtable(model.model_fields[top_nested]):
+                top_nested = f"{command}.{top_nested}"
             where = (
                 f"{toml_source} [{top_nested or command}]"
                 if (toml_data and _has(from_toml, loc))
@@ -266,7 +285,14 @@ def config_to_toml(command: str, cfg: Section) -> str:
     import tomli_w
 
     data = redact(cfg.model_dump(mode="json", exclude_none=True))
-    nested = {k: data.pop(k) for k in list(data) if _is_section(type(cfg).model_fields[k].annotation)}
+    fields = type(cfg).model_fields
+    for k in [k for k in data if _is_subtable(fields[k]) and not data[k]]:
+        del data[k]  # an all-default subtable: no empty [command.name] table
+    nested = {
+        k: data.pop(k)
+        for k in list(data)
+        if _is_section(fields[k].annotation) and not _is_subtable(fields[k])
+    }
     return tomli_w.dumps({command: data, **nested})
 
 
@@ -274,6 +300,16 @@ def save_config(command: str, cfg: Section, path: str | Path) -> None:
     from selfinstruct.store import atomic_write_text
 
     atomic_write_text(Path(path), config_to_toml(command, cfg))
+
+
+def subtable(model: type[Section], description: str, flag_prefix: str) -> Any:
+    """A nested section read from a table inside the command's table (`[generate.bootstrap]`), its flags
+    prefixed (`--bootstrap-temperature`)."""
+    return Field(
+        default_factory=model,
+        description=description,
+        json_schema_extra={"subtable": True, "flag_prefix": flag_prefix},
+    )
 
 
 def optional(description: str, **kw: Any) -> Any:

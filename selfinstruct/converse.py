@@ -44,11 +44,12 @@ from selfinstruct.corpus import corpus_path, load_corpus_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig, novelty_index
 from selfinstruct.filters.heuristics import build_heuristics, normalize
-from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor, open_state
+from selfinstruct.generate import Monitor, open_state
 from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CONFIG, STATE, SUMMARY
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, TeacherStats, Totals

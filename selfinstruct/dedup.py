@@ -45,8 +45,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from selfinstruct.config import Section
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import KEPT, REJECTED, SUMMARY, CurationRejection
 from selfinstruct.seeds import load_corpus_rows
-from selfinstruct.store import RunDir
+from selfinstruct.store import RunDir, existing_outputs
 
 Method = Literal["exact", "minhash", "semantic"]
 FIELDS = ("instruction", "input", "output")
@@ -62,7 +63,8 @@ def known_fields(fields: list[str]) -> list[str]:
 
 REASONS = {"exact": "duplicate", "minhash": "near_duplicate", "semantic": "semantic_duplicate"}
 CONTAMINATED = "eval_overlap"
-OUTPUTS = ("kept.jsonl", "clusters.jsonl", "rejected.jsonl", "summary.json")
+CLUSTERS = "clusters.jsonl"
+OUTPUTS = (KEPT, CLUSTERS, REJECTED, SUMMARY)
 DEFAULT_THRESHOLD = {"minhash": 0.6, "semantic": 0.9, "semantic-hashed": 0.7}
 
 
@@ -309,9 +311,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
         raise UserError("dedup: give a corpus (selfinstruct dedup CORPUS --out DIR)")
     src = Path(cfg.input)
     out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}-dedup")
-    existing = [out / name for name in OUTPUTS if (out / name).exists()]
-    if existing and not cfg.force:
-        raise UserError(f"{existing[0]} exists (use --force to overwrite, or another --out)")
+    existing = existing_outputs((out / name for name in OUTPUTS), cfg.force)
     rows = load_corpus_rows(src)
     texts = [record_text(r, cfg.fields) for _, _, r in rows]
     eval_rows = load_corpus_rows(cfg.against) if cfg.against else []
@@ -339,11 +339,18 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
         kept_w, clusters_w, rejected_w = (run.writer(n) for n in OUTPUTS[:3])
         kept_w.write(obj for (_, obj, _), v in zip(rows, verdicts, strict=True) if v.reason is None)
         rejected = []
-        for i, ((line, obj, _), v) in enumerate(zip(rows, verdicts, strict=True)):
+        for i, ((line, obj, rec), v) in enumerate(zip(rows, verdicts, strict=True)):
             if v.reason is None:
                 continue
             nearest = eval_texts[v.nearest] if v.reason == CONTAMINATED else texts[v.nearest]  # type: ignore[index]
-            row = {"reason": v.reason, "line": line, "nearest": nearest, "similarity": v.similarity}
+            row: dict[str, Any] = CurationRejection(
+                instruction=rec.instruction,
+                reason=v.reason,
+                stage="dedup",
+                line=line,
+                nearest=nearest,
+                similarity=v.similarity,
+            )
             if v.reason == CONTAMINATED:
                 row["against_line"] = eval_rows[v.nearest][0]  # type: ignore[index]
             else:
@@ -381,7 +388,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 3),
             "out": str(out),
         }
-        run.snapshot("summary.json", summary)
+        run.snapshot(SUMMARY, summary)
     return summary
 
 

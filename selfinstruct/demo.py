@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selfinstruct.models import resolve_model
+from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, KEPT, REJECTED, SUMMARY
 from selfinstruct.seeds import load_seed_tasks, seed_corpus
 
 HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
           "--num-instructions", str(args.num_instructions), "--max-requests", str(args.max_requests), "--include-seeds",
           "--seed", "0"], log)  # fmt: skip
     _run("Re-filter the corpus against the seeds (the `filter` command on any corpus)",
-         ["filter", str(run / "corpus.jsonl"), "--pool", str(seeds), "--out", str(work / "filtered")], log)  # fmt: skip
+         ["filter", str(run / CORPUS), "--pool", str(seeds), "--out", str(work / "filtered")], log)  # fmt: skip
     _run("Export for TRL (chat prompt/completion) with a dataset card",
          ["export", str(run), "--format", "messages"], log)  # fmt: skip
     _run("LoRA-tune the student on the corpus",
@@ -191,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("where")
     for what, where in [
         ("teacher / student model", f"{name}  ({model})"),
-        ("kept instructions + provenance", run / "instructions.jsonl"),
-        ("rejected candidates + reasons", run / "rejected.jsonl"),
-        ("training corpus (Alpaca fields)", run / "corpus.jsonl"),
-        ("run summary / resolved config", f"{run / 'summary.json'}  {run / 'config.toml'}"),
-        ("re-filtered corpus", work / "filtered" / "kept.jsonl"),
+        ("kept instructions + provenance", run / INSTRUCTIONS),
+        ("rejected candidates + reasons", run / REJECTED),
+        ("training corpus (Alpaca fields)", run / CORPUS),
+        ("run summary / resolved config", f"{run / SUMMARY}  {run / CONFIG}"),
+        ("re-filtered corpus", work / "filtered" / KEPT),
         ("TRL export + dataset card", run / "export"),
         ("LoRA adapter + merged model", work / "tuned"),
         ("evaluation (base vs tuned)", work / "eval" / "eval.md"),

@@ -29,7 +29,6 @@ import heapq
 import json
 import random
 import re
-import signal
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,18 +44,19 @@ from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, FilterConfig, novelty_index
 from selfinstruct.filters.heuristics import build_heuristics, normalize
 from selfinstruct.filters.rouge import rouge_fmeasure
-from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor, open_state
+from selfinstruct.generate import Monitor, open_state
 from selfinstruct.parsing import _clean_input, _json_values, _object, _text, _unfence, collapse, parse_yes_no
-from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
-from selfinstruct.pipeline.bootstrap import RAW_TEXT_LIMIT
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
+from selfinstruct.pipeline.session import exit_code, teacher_session
+from selfinstruct.pipeline.stage import RAW_TEXT_LIMIT, RunContext, StageStats, run_stage
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CONFIG, CORPUS, REJECTED, STATE, SUMMARY
 from selfinstruct.seeds import load_alpaca, load_corpus_any
 from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
-from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, TeacherStats, Totals
+from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, TeacherStats
 
 OPS = ("constraints", "deepen", "concretize", "reasoning", "complicate_input", "breadth")
 """In-depth operations (the paper's five; `complicate_input` is in the paper, not in its released code), then
@@ -696,7 +696,6 @@ class EvolveMonitor(Monitor):
     def summary(self, final: bool) -> dict[str, Any]:
         ctx = self.ctx
         cfg: EvolveConfig = ctx.cfg  # type: ignore[assignment]
-        usage = ctx.budget.total()
         rounds = {k: s for k, s in ctx.stats.items() if k.startswith("round ")}
         rejected: Counter[str] = Counter()
         for s in rounds.values():
@@ -716,12 +715,7 @@ class EvolveMonitor(Monitor):
             "candidates": decided,
             "rejected_by_reason": dict(rejected.most_common()),
             "parse_failures": sum(s.parse_failures for s in rounds.values()),
-            "requests": usage.requests,
-            "failed_requests": usage.failed_requests,
-            "retries": usage.retries,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cost": round(usage.cost, 6),
+            **self.teacher_usage(),
             "elapsed_s": self.elapsed(),
             "session_elapsed_s": round(work.elapsed_s, 3),
             "session_cpu_s": round(work.cpu_s, 3),
@@ -832,14 +826,7 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
             teacher=the_teacher,  # type: ignore[arg-type]
             prompts=prompts,
             journal=journal,
-            budget=Budget(
-                cfg.max_requests,
-                cfg.max_tokens,
-                cfg.max_cost,
-                earlier=Totals(**state.get("usage", {})),
-                stats=teacher_stats,
-                at_start=Totals.of(teacher_stats),
-            ),
+            budget=Budget.resumed(cfg, state.get("usage", {}), teacher_stats),
             decoding=evolve_decoding(cfg),
             stats=stats,
         )
@@ -857,31 +844,9 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
             atomic_write_json(run / SUMMARY, summary)
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
-    return 130 if ctx.stop_reason == "interrupted" else 0
+    return exit_code(ctx)
 
 
 async def _session(ctx: RunContext, evolver: Evolver, own_teacher: bool, console: Console) -> None:
-    """Start the teacher, run the attempts, stop cleanly on the first Ctrl-C (a second one aborts)."""
-    loop = asyncio.get_running_loop()
-    ctx.stop = asyncio.Event()
-
-    def interrupt() -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)")
-        ctx.stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt)
-            handled.append(sig)
-    try:
-        if own_teacher:
-            await ctx.teacher.start()
+    async with teacher_session(ctx, own_teacher, console):
         await run_stage(ctx, "evolve", evolver)
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if own_teacher:
-            await ctx.teacher.close()

@@ -32,7 +32,7 @@ from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
-from selfinstruct.store import atomic_path, atomic_write_text
+from selfinstruct.store import atomic_path, atomic_write_text, existing_outputs
 
 Format = Literal["alpaca", "alpaca-json", "messages", "sharegpt", "tulu", "parquet"]
 
@@ -553,8 +553,7 @@ def run_export(cfg: ExportConfig) -> int:
     out = _out_path(cfg, src)
     if out.resolve() == src.corpus.resolve():
         raise UserError(f"{out}: is the corpus being exported; choose another --out")
-    if out.exists() and not cfg.force:
-        raise UserError(f"{out}: already exists (use --force to overwrite)")
+    existing_outputs([out], cfg.force)
     card = out.parent / "README.md"
     if cfg.card:
         entry = {

@@ -8,17 +8,15 @@ The stages themselves live in `selfinstruct.pipeline`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -26,41 +24,45 @@ from rich.text import Text
 from selfinstruct.config import Section, optional, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
-from selfinstruct.pipeline import (
-    CORPUS,
-    INSTRUCTIONS,
-    JOURNALED,
-    REJECTED,
+from selfinstruct.pipeline.registry import (
+    CORPUS_STAGE,
+    PIPELINES,
     STAGES,
-    RunContext,
-    StageStats,
+    decoding_fields,
+    pipeline,
     resolve_decoding,
     run_pipeline,
 )
 from selfinstruct.pipeline.runner import Budget, Journal
+from selfinstruct.pipeline.session import exit_code, teacher_session
+from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, StageStats
 from selfinstruct.prompts import Prompts
+from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, JOURNALED, REJECTED, STATE, SUMMARY, Summary
 from selfinstruct.seeds import load_tasks_any
 from selfinstruct.shard import ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
-from selfinstruct.teachers.base import Totals
 
-STATE = "state.json"
-SUMMARY = "summary.json"
-CONFIG = "config.toml"
 SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
 
 
-class GenerateConfig(Section):
+_StageDecoding = create_model("_StageDecoding", __base__=Section, **decoding_fields())
+"""One `[generate.<stage>]` table (flags `--<stage>-temperature` …) per registered teacher stage."""
+
+
+class GenerateConfig(_StageDecoding):
     seeds: str = Field(
         "seeds/seed_tasks.jsonl",
         description="seed tasks: self-instruct seed JSONL or Alpaca JSON/JSONL",
         json_schema_extra={"positional": True},
     )
     out: str = Field("outputs/run", description="run directory (rerun the same command on it to resume)")
-    pipeline: Literal["self-instruct", "alpaca"] = Field(
-        "self-instruct", description="self-instruct: 4 stages; alpaca: one step yields complete tasks"
+    pipeline: str = Field(
+        "self-instruct",
+        description="self-instruct: 4 stages; alpaca: one step yields complete tasks {"
+        + ",".join(PIPELINES)
+        + "}",
     )
     stages: list[str] = Field(
         [],
@@ -91,13 +93,6 @@ class GenerateConfig(Section):
     decoding: Literal["auto", "reference", "chat"] = Field(
         "auto", description="decoding preset: auto = reference for --api completions, chat otherwise"
     )
-    bootstrap_temperature: float | None = optional("bootstrap temperature (reference 0.7)", ge=0)
-    bootstrap_top_p: float | None = optional("bootstrap top_p (reference 0.5)", gt=0, le=1)
-    bootstrap_presence_penalty: float | None = optional(
-        "bootstrap presence penalty (reference 2)", ge=-2, le=2
-    )
-    bootstrap_max_tokens: int | None = optional("bootstrap max tokens per completion (1024)", ge=1)
-    classify_max_tokens: int | None = optional("classification max tokens (reference 3, chat 32)", ge=1)
     classify_scoring: Literal["label", "logprob"] = Field(
         "logprob",
         description="classify: logprob = compare the teacher's P(yes) and P(no) for the first token (one "
@@ -108,16 +103,6 @@ class GenerateConfig(Section):
         description="classify, logprob scoring: subtract the mean score of content-free tasks (contextual "
         "calibration), so the prompt's lean towards one answer does not decide",
     )
-    instances_temperature: float | None = optional(
-        "instance generation temperature (reference 0, chat 0.7)", ge=0
-    )
-    instances_presence_penalty: float | None = optional(
-        "instance presence penalty (reference 1.5, chat 0)", ge=-2, le=2
-    )
-    instances_max_tokens: int | None = optional("instance max tokens (reference 300, chat 1024)", ge=1)
-    alpaca_temperature: float | None = optional("alpaca temperature (1.0)", ge=0)
-    alpaca_top_p: float | None = optional("alpaca top_p (1.0)", gt=0, le=1)
-    alpaca_max_tokens: int | None = optional("alpaca max tokens (3072)", ge=1)
     # instances and corpus
     max_instances: int = Field(5, ge=1, description="instances per task")
     schema_max_chars: int | None = optional(
@@ -148,11 +133,26 @@ class GenerateConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_decoding_keys(cls, data: Any) -> Any:
+        """`bootstrap_temperature = 0.7` (the flat spelling of earlier versions) means `[generate.bootstrap]`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in [k for k in data if isinstance(k, str)]:
+            stage, _, name = key.partition("_")
+            if name in DECODING_KEYS and stage in cls.model_fields and stage in STAGES:
+                data[stage] = {**dict(data.get(stage) or {}), name: data.pop(key)}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
         if self.num_machine_in_prompt > self.num_prompt_instructions:
             raise ValueError("num_machine_in_prompt must not exceed num_prompt_instructions")
-        known = STAGES[self.pipeline]
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline '{self.pipeline}' ({', '.join(PIPELINES)})")
+        known = PIPELINES[self.pipeline]
         for stage in self.stages:
             if stage not in known:
                 raise ValueError(
@@ -161,7 +161,15 @@ class GenerateConfig(Section):
         return self
 
     def chosen_stages(self) -> list[str]:
-        return [s for s in STAGES[self.pipeline] if not self.stages or s in self.stages]
+        return [s for s in PIPELINES[self.pipeline] if not self.stages or s in self.stages]
+
+    def decoding_overrides(self, stage: str) -> dict[str, Any]:
+        """The decoding values set in `[generate.<stage>]` or by `--<stage>-…` flags (none for a stage
+        registered after this model was built)."""
+        if stage not in type(self).model_fields:
+            return {}
+        section = getattr(self, stage)
+        return section.model_dump(exclude_none=True) if isinstance(section, Section) else {}
 
 
 # ---------------------------------------------------------------- run directory identity and state
@@ -216,12 +224,12 @@ def _mismatch(run: RunDir, identity: dict[str, Any]) -> Callable[[dict[str, Any]
 
 def _initial_stats(run: RunDir, cfg: GenerateConfig) -> dict[str, StageStats]:
     """Counters derived from the files, so a resumed run (even after kill -9) reports the whole run."""
-    stats = {stage: StageStats() for stage in STAGES[cfg.pipeline]}
+    stats = {stage: StageStats() for stage in PIPELINES[cfg.pipeline]}
     for rec in read_jsonl(run / REJECTED):
         stage = stats.get(rec.get("stage"))
         if stage is not None:
             stage.rejected[rec.get("reason", "?")] += 1
-    first = STAGES[cfg.pipeline][0]
+    first = PIPELINES[cfg.pipeline][0]
     kept = sum(1 for _ in read_jsonl(run / INSTRUCTIONS))
     for name, s in stats.items():
         s.parse_failures = s.rejected["unparseable"]
@@ -230,8 +238,8 @@ def _initial_stats(run: RunDir, cfg: GenerateConfig) -> dict[str, StageStats]:
             s.candidates = kept + sum(
                 n for r, n in s.rejected.items() if r not in ("unparseable", "truncated")
             )
-    if (run / CORPUS).exists():
-        stats["finetune"].extra["corpus_records"] = sum(1 for _ in read_jsonl(run / CORPUS))
+    if (run / CORPUS).exists() and CORPUS_STAGE in stats:
+        stats[CORPUS_STAGE].extra["corpus_records"] = sum(1 for _ in read_jsonl(run / CORPUS))
     return stats
 
 
@@ -293,7 +301,7 @@ class Monitor:
             f"rejected: {rejected} · parse fail {s.parse_failures} · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tok · ${usage.cost:.2f} · {self._rate:.1f} req/s"
         )
-        label = "kept" if stage in ("bootstrap", "alpaca") else "done"
+        label = self.label(stage)
         if self.interactive:
             if stage not in self.tasks:
                 self.tasks[stage] = self.progress.add_task(f"{stage} ({label})", total=s.total, info=info)
@@ -308,6 +316,23 @@ class Monitor:
                 f"[{stage}] {label} {s.done}/{s.total} · {info}{eta}", highlight=False, markup=False
             )
 
+    def teacher_usage(self) -> dict[str, Any]:
+        """The whole run's teacher accounting, as every summary.json reports it."""
+        u = self.ctx.budget.total()
+        return {
+            "requests": u.requests,
+            "failed_requests": u.failed_requests,
+            "retries": u.retries,
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "cost": round(u.cost, 6),
+        }
+
+    def label(self, stage: str) -> str:
+        """What a stage's progress counts: kept instructions (a growing stage) or items done."""
+        grows = stage in STAGES and STAGES[stage].grows
+        return "kept" if grows else "done"
+
     def state_snapshot(self) -> dict[str, Any]:
         usage = self.ctx.budget.total()
         return {**self.state, "usage": vars(usage), "elapsed_s": self.elapsed()}
@@ -315,37 +340,33 @@ class Monitor:
     def elapsed(self) -> float:
         return round(self.state.get("elapsed_s", 0.0) + time.monotonic() - self.started, 3)
 
-    def summary(self, final: bool) -> dict[str, Any]:
+    def summary(self, final: bool) -> Summary:
         ctx = self.ctx
         cfg = ctx.cfg
-        first = STAGES[cfg.pipeline][0]
-        usage = ctx.budget.total()
+        first = PIPELINES[cfg.pipeline][0]
         rejected: Counter[str] = Counter()
         for s in ctx.stats.values():
             rejected.update(s.rejected)
-        return {
-            "pipeline": cfg.pipeline,
-            "teacher_model": cfg.teacher.model,
-            "target": cfg.num_instructions,
-            "kept": ctx.stats[first].done,
-            "rejected_by_reason": dict(rejected.most_common()),
-            "parse_failures": sum(s.parse_failures for s in ctx.stats.values()),
-            "candidates": ctx.stats[first].candidates,
-            "requests": usage.requests,
-            "failed_requests": usage.failed_requests,
-            "retries": usage.retries,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cost": round(usage.cost, 6),
-            "elapsed_s": self.elapsed(),
-            "corpus_records": ctx.stats["finetune"].extra.get("corpus_records", 0),
-            "stages": {name: s.to_dict() for name, s in ctx.stats.items()},
-            "finished": final and all(ctx.stats[name].finished for name in cfg.chosen_stages()),
-            "stop_reason": ctx.stop_reason,
-            "sessions": self.state.get("sessions", 1),
-        }
+        return Summary(
+            pipeline=cfg.pipeline,
+            teacher_model=cfg.teacher.model,
+            target=cfg.num_instructions,
+            kept=ctx.stats[first].done,
+            rejected_by_reason=dict(rejected.most_common()),
+            parse_failures=sum(s.parse_failures for s in ctx.stats.values()),
+            candidates=ctx.stats[first].candidates,
+            **self.teacher_usage(),
+            elapsed_s=self.elapsed(),
+            corpus_records=ctx.stats[CORPUS_STAGE].extra.get("corpus_records", 0)
+            if CORPUS_STAGE in ctx.stats
+            else 0,
+            stages={name: s.to_dict() for name, s in ctx.stats.items()},
+            finished=final and all(ctx.stats[name].finished for name in cfg.chosen_stages()),
+            stop_reason=ctx.stop_reason,
+            sessions=self.state.get("sessions", 1),
+        )
 
-    def print_final(self, summary: dict[str, Any], run: RunDir) -> None:
+    def print_final(self, summary: Summary, run: RunDir) -> None:
         """The closing summary; names, paths and reasons are printed as plain text (no rich markup)."""
 
         def line(text: str) -> None:
@@ -398,9 +419,8 @@ def run_generate(
     stages = cfg.chosen_stages()
     prompts = Prompts("chat" if cfg.teacher.api == "chat" else "completion", cfg.prompt_dir)
     for stage in stages:  # fail on a bad template before any request is sent
-        for name in {"instances": ("instances_input_first", "instances_output_first")}.get(stage, (stage,)):
-            if name != "finetune":
-                prompts.get(name)
+        for name in STAGES[stage].templates:
+            prompts.get(name)
     identity = _identity(cfg)
     with RunDir(cfg.out) as run:
         state = open_state(run, identity, "a generate run", _mismatch(run, identity))
@@ -423,61 +443,25 @@ def run_generate(
             teacher=the_teacher,
             prompts=prompts,
             journal=journal,
-            budget=Budget(
-                cfg.max_requests,
-                cfg.max_tokens,
-                cfg.max_cost,
-                earlier=Totals(**state.get("usage", {})),
-                stats=the_teacher.stats,
-                at_start=Totals.of(the_teacher.stats),
-            ),
+            budget=Budget.resumed(cfg, state.get("usage", {}), the_teacher.stats),
             decoding=resolve_decoding(cfg),
             stats=_initial_stats(run, cfg),
+            pipeline=pipeline(cfg.pipeline),
         )
         monitor = Monitor(ctx, state, console)
         ctx.on_tick = monitor.tick
-        signals: list[int] = []  # the signal that stopped the run, if one did
         try:
             with monitor:
-                asyncio.run(_session(ctx, stages, own_teacher, console, signals))
+                asyncio.run(_session(ctx, stages, own_teacher, console))
         finally:
             journal.close()
             summary = monitor.summary(final=True)
             atomic_write_json(run / SUMMARY, summary)
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
-    if ctx.stop_reason == "interrupted":
-        return 128 + signals[0] if signals and signals[0] == signal.SIGTERM else 130
-    return 0
+    return exit_code(ctx)
 
 
-async def _session(
-    ctx: RunContext, stages: list[str], own_teacher: bool, console: Console, signals: list[int]
-) -> None:
-    """Start the teacher, run the stages, close the teacher. The first SIGINT or SIGTERM (recorded in
-    `signals`) stops the run gently: answers in flight are given up (the vLLM engine aborts them between two
-    steps), what is complete is written, the teacher shuts down; a second one stops the process at once."""
-    loop = asyncio.get_running_loop()
-    ctx.stop = asyncio.Event()
-
-    def interrupt(sig: int) -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
-        signals.append(sig)
-        ctx.stop.set()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(s)  # a second signal interrupts for real
-
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt, sig)
-            handled.append(sig)
-    try:
-        if own_teacher:
-            await ctx.teacher.start()
+async def _session(ctx: RunContext, stages: list[str], own_teacher: bool, console: Console) -> None:
+    async with teacher_session(ctx, own_teacher, console):
         await run_pipeline(ctx, stages)
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if own_teacher:
-            await ctx.teacher.close()

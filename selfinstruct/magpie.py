@@ -27,51 +27,45 @@ start of its chat template", and the reference's pre-query strings for such mode
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import random
-import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.filters import FilterConfig
 from selfinstruct.filters.heuristics import Repetitive
+from selfinstruct.generate import Monitor
 from selfinstruct.models import resolve_model
-from selfinstruct.pipeline import (
-    CORPUS,
-    INSTRUCTIONS,
-    REJECTED,
+from selfinstruct.pipeline.runner import Budget, Journal
+from selfinstruct.pipeline.session import exit_code, teacher_session
+from selfinstruct.pipeline.stage import (
+    Candidate,
+    Growing,
+    Keeper,
     PerInstruction,
     RunContext,
     StageStats,
+    prompt_hash,
     read_keyed,
     run_stage,
 )
-from selfinstruct.pipeline.bootstrap import Candidate, Growing, Keeper, prompt_hash
-from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, REJECTED, STATE, SUMMARY
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
-from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
-from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, Totals
+from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher, teacher_class
+from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 ANSWERS = "answers.jsonl"
 FOLLOWUPS = "turns.jsonl"
-STATE = "state.json"
-SUMMARY = "summary.json"
-CONFIG = "config.toml"
 STAGES = ("query", "answer", "followup")
-SUMMARY_EVERY_S = 2.0
-LOG_EVERY_S = 10.0
 SENTINEL = "\x00magpie-query\x00"
 """Stands in for the user's message when the chat template is rendered; nothing a template adds contains it."""
 
@@ -520,63 +514,18 @@ def _initial_stats(run: RunDir) -> dict[str, StageStats]:
     return stats
 
 
-class Monitor:
-    """Live progress (stderr) and the periodic summary.json, in `generate`'s style."""
+class MagpieMonitor(Monitor):
+    """generate's progress display with magpie's stage labels, summary and closing lines."""
 
     def __init__(self, ctx: RunContext, state: dict[str, Any], console: Console):
-        self.ctx, self.state, self.console = ctx, state, console
-        self.started = time.monotonic()
-        self.interactive = console.is_terminal
-        self.progress = Progress(
-            TextColumn("{task.description}", style="bold", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}", markup=False),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.tasks: dict[str, Any] = {}
-        self._last_summary = self._last_log = 0.0
-        self._logged: dict[str, int] = {}  # the count last logged per stage (a finished stage logs once)
+        super().__init__(ctx, state, console)
         self.corpus_records = 0
 
-    def __enter__(self) -> Monitor:
-        if self.interactive:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.interactive:
-            self.progress.stop()
-
-    def tick(self, stage: str) -> None:
-        now = time.monotonic()
-        s, usage = self.ctx.stats[stage], self.ctx.budget.total()
-        rejected = ", ".join(f"{r} {n}" for r, n in s.rejected.most_common(3)) or "none"
-        info = f"rejected: {rejected} · {usage.prompt_tokens + usage.completion_tokens:,} tok · ${usage.cost:.2f}"
-        label = "kept" if stage == "query" else "answered"
-        if self.interactive:
-            if stage not in self.tasks:
-                self.tasks[stage] = self.progress.add_task(f"{stage} ({label})", total=s.total, info=info)
-            self.progress.update(self.tasks[stage], completed=s.done, total=s.total, info=info)
-        elif now - self._last_log >= LOG_EVERY_S or (s.done >= s.total and self._logged.get(stage) != s.done):
-            self._last_log, self._logged[stage] = now, s.done
-            self.console.print(
-                f"[{stage}] {label} {s.done}/{s.total} · {info}", highlight=False, markup=False
-            )
-        if now - self._last_summary >= SUMMARY_EVERY_S:
-            self._last_summary = now
-            self.ctx.journal.snapshot(SUMMARY, self.summary(final=False))
-            self.ctx.journal.snapshot(STATE, self.state_snapshot())
-
-    def elapsed(self) -> float:
-        return round(self.state.get("elapsed_s", 0.0) + time.monotonic() - self.started, 3)
-
-    def state_snapshot(self) -> dict[str, Any]:
-        return {**self.state, "usage": vars(self.ctx.budget.total()), "elapsed_s": self.elapsed()}
+    def label(self, stage: str) -> str:
+        return "kept" if stage == "query" else "answered"
 
     def summary(self, final: bool) -> dict[str, Any]:
-        ctx, usage = self.ctx, self.ctx.budget.total()
+        ctx = self.ctx
         rejected: Counter[str] = Counter()
         for s in ctx.stats.values():
             rejected.update(s.rejected)
@@ -588,12 +537,7 @@ class Monitor:
             "candidates": ctx.stats["query"].candidates,
             "rejected_by_reason": dict(rejected.most_common()),
             "parse_failures": 0,
-            "requests": usage.requests,
-            "failed_requests": usage.failed_requests,
-            "retries": usage.retries,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cost": round(usage.cost, 6),
+            **self.teacher_usage(),
             "elapsed_s": self.elapsed(),
             "corpus_records": self.corpus_records,
             "stages": {name: s.to_dict() for name, s in ctx.stats.items()},
@@ -635,7 +579,7 @@ class Monitor:
 
 
 def _check(cfg: MagpieConfig) -> None:
-    if cfg.teacher.backend == "openai" and cfg.teacher.api == "chat":
+    if not teacher_class(cfg.teacher).in_process and cfg.teacher.api == "chat":
         raise UserError(
             "magpie sends raw prompts, which a chat endpoint does not take: use --api completions "
             "(a /v1/completions endpoint) or --teacher vllm"
@@ -677,14 +621,7 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
             teacher=the_teacher,
             prompts=Prompts("completion"),
             journal=journal,
-            budget=Budget(
-                cfg.max_requests,
-                cfg.max_tokens,
-                cfg.max_cost,
-                earlier=Totals(**state.get("usage", {})),
-                stats=the_teacher.stats,
-                at_start=Totals.of(the_teacher.stats),
-            ),
+            budget=Budget.resumed(cfg, state.get("usage", {}), the_teacher.stats),
             decoding={
                 "query": {
                     "n": cfg.queries_per_request,
@@ -701,7 +638,7 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
             },
             stats=stats,
         )
-        monitor = Monitor(ctx, state, console)
+        monitor = MagpieMonitor(ctx, state, console)
         ctx.on_tick = monitor.tick
         try:
             with monitor:
@@ -713,7 +650,7 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
             atomic_write_json(run / SUMMARY, summary)
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
-    return 130 if ctx.stop_reason == "interrupted" else 0
+    return exit_code(ctx)
 
 
 def _round_size(ctx: RunContext, stage: str, todo: int) -> int | None:
@@ -732,47 +669,34 @@ async def _session(
     ctx: RunContext, fmt: ChatFormat, systems: list[str | None], own_teacher: bool, console: Console
 ) -> None:
     """Both stages, with Ctrl-C (and SIGTERM) letting the writes finish; a second one interrupts for real."""
-    loop = asyncio.get_running_loop()
-    ctx.stop = asyncio.Event()
     cfg = ctx.cfg
-
-    def interrupt() -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
-        ctx.stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt)
-            handled.append(sig)
     try:
-        if own_teacher:
-            await ctx.teacher.start()
-        queries = Queries(ctx, fmt, systems)
-        ctx.cfg = cfg.model_copy(
-            update={"request_batch": _round_size(ctx, "query", queries.target - queries.keeper.count)}
-        )
-        await queries.run()
-        if ctx.stop_reason is None:
-            await ctx.journal.aflush()
-            answers = Answers(ctx, fmt)
-            ctx.cfg = cfg.model_copy(update={"request_batch": _round_size(ctx, "answer", len(answers.todo))})
-            await answers.run()
-        if ctx.stop_reason is None and cfg.turns > 1:
-            await ctx.journal.aflush()
-            followups = FollowUps(ctx, fmt)
-            ctx.cfg = cfg.model_copy(
-                update={"request_batch": _round_size(ctx, "answer", len(followups.conversations))}
-            )
-            await followups.run()
-        if cfg.turns == 1:
-            ctx.stats["followup"].finished = True  # nothing to do
-        ctx.on_tick("answer")
+        async with teacher_session(ctx, own_teacher, console):
+            await _stages(ctx, fmt, systems)
     finally:
         ctx.cfg = cfg
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if own_teacher:
-            await ctx.teacher.close()
+
+
+async def _stages(ctx: RunContext, fmt: ChatFormat, systems: list[str | None]) -> None:
+    """Queries, then answers, then follow-up turns, each call sized to what is left."""
+    cfg = ctx.cfg
+    queries = Queries(ctx, fmt, systems)
+    ctx.cfg = cfg.model_copy(
+        update={"request_batch": _round_size(ctx, "query", queries.target - queries.keeper.count)}
+    )
+    await queries.run()
+    if ctx.stop_reason is None:
+        await ctx.journal.aflush()
+        answers = Answers(ctx, fmt)
+        ctx.cfg = cfg.model_copy(update={"request_batch": _round_size(ctx, "answer", len(answers.todo))})
+        await answers.run()
+    if ctx.stop_reason is None and cfg.turns > 1:
+        await ctx.journal.aflush()
+        followups = FollowUps(ctx, fmt)
+        ctx.cfg = cfg.model_copy(
+            update={"request_batch": _round_size(ctx, "answer", len(followups.conversations))}
+        )
+        await followups.run()
+    if cfg.turns == 1:
+        ctx.stats["followup"].finished = True  # nothing to do
+    ctx.on_tick("answer")

@@ -34,7 +34,8 @@ from pydantic import Field
 from selfinstruct.config import Section
 from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, FilterConfig, novelty_index
-from selfinstruct.pipeline import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, REJECTED, STAGES
+from selfinstruct.pipeline.registry import PIPELINES
+from selfinstruct.rundir import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS, REJECTED
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 
 STATE, SUMMARY, CONFIG = "state.json", "summary.json", "config.toml"
@@ -304,17 +305,17 @@ def _summary(
 ) -> dict[str, Any]:
     """Record counts from the merged files; session counters (requests, tokens, time) summed over shards."""
     shard_summaries = [json.loads((r / SUMMARY).read_text()) for r in runs if (r / SUMMARY).exists()]
-    by_stage: dict[str, Counter[str]] = {stage: Counter() for stage in STAGES[pipeline]}
+    by_stage: dict[str, Counter[str]] = {stage: Counter() for stage in PIPELINES[pipeline]}
     for rec in rejected:
         by_stage.setdefault(rec.get("stage", "?"), Counter())[rec.get("reason", "?")] += 1
     done = {
-        STAGES[pipeline][0]: len(kept),
+        PIPELINES[pipeline][0]: len(kept),
         "classify": len(classification),
         "instances": len(instances),
         "finetune": len({(r.get("meta") or {}).get("task_id") for r in corpus}),
     }
     stages: dict[str, Any] = {}
-    for stage in STAGES[pipeline]:
+    for stage in PIPELINES[pipeline]:
         counters = {
             key: round(sum(s.get("stages", {}).get(stage, {}).get(key, 0) for s in shard_summaries), 3)
             for key in SESSION_COUNTERS

@@ -29,7 +29,7 @@ from selfinstruct.config import Section
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_any
-from selfinstruct.store import atomic_write_text
+from selfinstruct.store import atomic_write_text, existing_outputs
 from selfinstruct.templatize import to_jsonl
 
 
@@ -174,8 +174,7 @@ def mix(cfg: MixConfig) -> dict[str, Any]:
     if not cfg.out:
         raise UserError("mix needs --out FILE.jsonl")
     out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise UserError(f"{out}: already exists (use --force to overwrite)")
+    existing_outputs([out], cfg.force)
     sources = load_sources(cfg.sources)
     mixture, rows = mix_records(sources, total=cfg.total, cap_per_task=cfg.cap_per_task, seed=cfg.seed)
     if not mixture:

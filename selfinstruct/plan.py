@@ -59,13 +59,13 @@ class PlanConfig(Section):
 class TokenCounter:
     """Counts tokens of requests and answers the way the teacher's model does, as far as it can know."""
 
-    def __init__(self, model: str, backend: str):
+    def __init__(self, model: str, in_process: bool):
         self.count: Callable[[str], int] = self._approx
         self.chat: Callable[[list[dict[str, str]]], int] | None = None
         self.method = f"~{CHARS_PER_TOKEN} characters per token (no tokenizer found for {model!r})"
-        if backend == "openai" and self._tiktoken(model):
+        if not in_process and self._tiktoken(model):
             return
-        self._huggingface(model, backend)
+        self._huggingface(model, in_process)
 
     @staticmethod
     def _approx(text: str) -> int:
@@ -82,13 +82,13 @@ class TokenCounter:
         self.method = f"tiktoken ({encoding.name})"
         return True
 
-    def _huggingface(self, model: str, backend: str) -> None:
+    def _huggingface(self, model: str, in_process: bool) -> None:
         """Only models that are already on this machine: planning never downloads."""
         try:
             from selfinstruct.models import resolve_model
 
             path = Path(model) if Path(model).is_dir() else None
-            if path is None and backend == "vllm":
+            if path is None and in_process:
                 path = Path(resolve_model(model))
             if path is None:
                 return
@@ -171,7 +171,7 @@ def _seconds(
     latency: float | None,
 ) -> float:
     """Wall time at the configured concurrency, RPM and TPM: whichever limit binds."""
-    concurrency = teacher.concurrency or (256 if teacher.backend == "vllm" else 32)
+    concurrency = teacher.concurrency_or_default
     if latency is not None:
         pass
     elif observed.get("requests") and observed.get("elapsed_s"):
@@ -189,13 +189,14 @@ def _seconds(
 
 def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[str, Any]:
     """The plan of `selfinstruct generate` with `cfg` (a `GenerateConfig`), as a JSON-ready dict."""
-    from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, INSTRUCTIONS, resolve_decoding
+    from selfinstruct.pipeline.registry import resolve_decoding
+    from selfinstruct.rundir import CLASSIFICATION, INSTANCES, INSTRUCTIONS
     from selfinstruct.seeds import load_tasks_any
 
     seeds = load_tasks_any(cfg.seeds)
     out = Path(cfg.out)
     observed = _observed(out)
-    counter = TokenCounter(cfg.teacher.model, cfg.teacher.backend)
+    counter = TokenCounter(cfg.teacher.model, cfg.teacher.in_process)
     decoding = resolve_decoding(cfg)
     chat = cfg.teacher.api == "chat"
     rng = random.Random(f"{cfg.seed}:plan")
@@ -288,8 +289,9 @@ def _render(cfg: Any, seeds: list, scratch: Path, out: Path, sample: int) -> dic
     (a sample of) the run's instructions and labels, or seed tasks standing in for them before any exist."""
     import asyncio
 
-    from selfinstruct.pipeline import CLASSIFICATION, INSTRUCTIONS, resolve_decoding
+    from selfinstruct.pipeline.registry import resolve_decoding
     from selfinstruct.pipeline.runner import Journal
+    from selfinstruct.rundir import CLASSIFICATION, INSTRUCTIONS
 
     run_dir = scratch / "run"
     run_dir.mkdir()
@@ -333,7 +335,7 @@ def _scratch_context(
         async def generate(self, requests: Sequence[Any]) -> list[Any]:
             raise AssertionError("plan never calls the teacher")
 
-    teacher = Offline(cfg.teacher, 256 if cfg.teacher.backend == "vllm" else 32)
+    teacher = Offline(cfg.teacher)
     prompts = Prompts("chat" if cfg.teacher.api == "chat" else "completion", cfg.prompt_dir)
     with RunDir(run_dir) as run:
         journal = journal_type(run, JOURNALED)
@@ -375,8 +377,8 @@ async def _stage_requests(ctx: Any, stage: str, sample: int) -> list:
 def _expected_answers(stage: str, cfg: Any, seeds: list, chat: bool, rng: random.Random, n: int) -> list[str]:
     """Answers of the shape the stage asks for, built from seed tasks: what a compliant teacher writes."""
     from selfinstruct.pipeline.alpaca import task_list
-    from selfinstruct.pipeline.bootstrap import numbered
     from selfinstruct.pipeline.instances import as_json, format_examples
+    from selfinstruct.pipeline.stage import numbered
 
     out = []
     for _ in range(n):
@@ -455,7 +457,7 @@ def plan_evolve(cfg: Any, sample: int, latency: float | None = None) -> dict[str
         per_attempt = summary["requests"] / summary["candidates"]
         follow = min(1.0, max(0.0, (per_attempt - 1) / (len(steps) - 1)))
         source = f"{per_attempt:.2f} requests per decided attempt (observed)"
-    counter = TokenCounter(cfg.teacher.model, cfg.teacher.backend)
+    counter = TokenCounter(cfg.teacher.model, cfg.teacher.in_process)
     decoding = evolve_decoding(cfg)
     chat = cfg.teacher.api == "chat"
     picked = random.Random(f"{cfg.seed}:plan").sample(lineages, min(sample, len(lineages)))

@@ -54,13 +54,14 @@ from rich.console import Console
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.evolve import load_input
-from selfinstruct.generate import CONFIG, STATE, SUMMARY, Monitor, open_state
+from selfinstruct.generate import Monitor, open_state
 from selfinstruct.models import resolve_model
 from selfinstruct.parsing import _json_values, _object, _unfence
 from selfinstruct.pipeline import REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
 from selfinstruct.prompts import Prompts, Template
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CONFIG, STATE, SUMMARY
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse, Totals
@@ -685,7 +686,7 @@ def _check(cfg: PrefsConfig) -> list[Policy]:
     if len(policies) * cfg.n + cfg.include_reference < 2:
         raise UserError("prefs needs at least two candidates per prompt: raise --n or add a policy")
     for p in policies:  # a bad model path fails before any engine starts or request is sent
-        if p.backend == "vllm":
+        if policy_teacher(cfg, p).in_process:
             resolve_model(p.model, f"--policy {p.spec}", trust_remote_code=cfg.teacher.trust_remote_code)
     return policies
 

@@ -16,7 +16,6 @@ a verb from a lexicon of instruction verbs gives the verb, and the last word of 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import random
@@ -26,9 +25,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from string import Template
 from typing import Any, Literal
 
+import jinja2
 from pydantic import Field
 
 from selfinstruct.config import Section, load_toml
@@ -38,6 +37,7 @@ from selfinstruct.evaluate import task_of
 from selfinstruct.filters.heuristics import FilterConfig
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
+from selfinstruct.rundir import CONFIG
 from selfinstruct.store import atomic_write_json, atomic_write_text, read_jsonl
 
 
@@ -123,7 +123,7 @@ def _load_file(path: Path) -> tuple[list[Instruction], list[CorpusRecord]]:
 
 def _run_settings(run: Path) -> tuple[str | None, float]:
     """The seed file ([generate] seeds) and the novelty threshold ([filters] threshold) of a run's config."""
-    config = run / "config.toml"
+    config = run / CONFIG
     data = load_toml(config) if config.is_file() else {}
     seeds = data.get("generate", {}).get("seeds")
     threshold = data.get("filters", {}).get("threshold", FilterConfig().threshold)
@@ -699,7 +699,7 @@ def _num(value: Any, digits: int = 1) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else html.escape(str(value))
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -710,244 +710,21 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    return f'<table class="kv">{body}</table>'
-
-
-def _grid(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _img(path: Path | None, alt: str) -> str:
-    if path is None:
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
-def _unavailable(section: dict[str, Any]) -> str:
-    return f'<p class="na">Not available: {html.escape(section.get("reason", "no data"))}.</p>'
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def render_html(stats: dict[str, Any], images: dict[str, Path], examples: list[CorpusRecord]) -> str:
-    c, lengths = stats["counts"], stats["lengths"]
-    sections = []
-    overview = [
-        ("instructions", _num(c["instructions"])),
-        ("  machine-generated / seed", f"{_num(c['machine_instructions'])} / {_num(c['seed_instructions'])}"),
-        (
-            "  classification / non-classification / unknown",
-            f"{_num(c['classification_instructions'])} / {_num(c['non_classification_instructions'])} / "
-            f"{_num(c['unknown_classification'])}",
-        ),
-        ("instances", _num(c["instances"])),
-        ("  with non-empty input", f"{_num(c['instances_with_input'])} ({_pct(c['share_with_input'])})"),
-        ("instances per instruction", _num(c["instances_per_instruction"], 2)),
-    ]
-    notes = "".join(f'<p class="na">{html.escape(n)}</p>' for n in stats["source"]["notes"])
-    sections.append(("Overview", _table(overview) + notes))
-
-    rows = [
-        [
-            name,
-            _num(s["count"]),
-            _num(s.get("mean")),
-            _num(s.get("median")),
-            _num(s.get("p90")),
-            _num(s.get("max")),
-        ]
-        for name, s in lengths.items()
-    ]
-    sections.append(
-        (
-            "Lengths (words)",
-            _img(images.get("lengths"), "length histograms")
-            + _grid(["field", "count", "mean", "median", "p90", "max"], rows),
-        )
-    )
-
-    chats = stats["conversations"]
-    if chats["available"]:
-        rows = [
-            [
-                name,
-                _num(s["count"]),
-                _num(s.get("mean")),
-                _num(s.get("median")),
-                _num(s.get("p90")),
-                _num(s.get("max")),
-            ]
-            for name, s in (
-                ("turns per conversation", chats["turns_per_conversation"]),
-                (f"user turn ({html.escape(chats['unit'])})", chats["user_turn"]),
-                (f"assistant turn ({html.escape(chats['unit'])})", chats["assistant_turn"]),
-            )
-        ]
-        body = _table(
-            [
-                ("conversations", _num(chats["conversations"])),
-                (
-                    "  with several turns / with a system turn",
-                    f"{_num(chats['multi_turn'])} / {_num(chats['with_system'])}",
-                ),
-            ]
-        ) + _grid(["", "count", "mean", "median", "p90", "max"], rows)
-        sections.append(("Conversations", body))
-
-    novelty = stats["rouge_to_seeds"]
-    if novelty.get("available"):
-        body = _img(images.get("rouge_to_seeds"), "ROUGE-L to the nearest seed") + _table(
-            [
-                ("seed file", html.escape(novelty["seeds"])),
-                (
-                    "instructions scored / seed instructions",
-                    f"{_num(novelty['scored_instructions'])} / {_num(novelty['seed_instructions'])}",
-                ),
-                ("mean / median ROUGE-L F", f"{novelty['mean']:.3f} / {novelty['median']:.3f}"),
-                (f"share above {novelty['threshold']:g}", _pct(novelty["share_above_threshold"])),
-            ]
-        )
-    else:
-        body = _unavailable(novelty)
-    sections.append(("Novelty: ROUGE-L to the most similar seed instruction", body))
-
-    verbs = stats["verbs"]
-    verb_rows = [
-        [
-            html.escape(v["verb"]),
-            _num(v["count"]),
-            ", ".join(f"{html.escape(o['object'])} ({o['count']})" for o in v["objects"]) or "–",
-        ]
-        for v in verbs["top"]
-    ]
-    share = verbs["with_verb_object"] / verbs["instructions"] if verbs["instructions"] else None
-    body = (
-        f"<p>Parser: {html.escape(verbs['parser'])}. {_num(verbs['with_verb'])} of "
-        f"{_num(verbs['instructions'])} instructions have a recognised root verb, {_num(verbs['with_verb_object'])} "
-        f"({_pct(share)}) a verb and a direct object; {_num(verbs['distinct_verbs'])} distinct verbs.</p>"
-        + _img(images.get("verbs"), "root verbs and objects")
-        + _grid(["verb", "instructions", "most common direct objects"], verb_rows)
-    )
-    sections.append(("Diversity: root verbs and their direct objects", body))
-
-    rejections = stats["rejections"]
-    if rejections["available"] and rejections["total"]:
-        total = rejections["total"]
-        body = _img(images.get("rejections"), "rejection reasons") + _grid(
-            ["reason", "candidates", "share"],
-            [[html.escape(k), _num(v), _pct(v / total)] for k, v in rejections["by_reason"].items()],
-        )
-        if rejections["by_stage"]:
-            body += _grid(
-                ["stage", "rejected"], [[html.escape(k), _num(v)] for k, v in rejections["by_stage"].items()]
-            )
-    elif rejections["available"]:
-        body = "<p>No candidate was rejected.</p>"
-    else:
-        body = _unavailable(rejections)
-    sections.append(("Rejected candidates", body))
-
-    g = stats["generation"]
-    if g["available"]:
-        cost = g["cost"]
-        body = _table(
-            [
-                ("pipeline / teacher", f"{_num(g['pipeline'])} / {_num(g['teacher_model'])}"),
-                ("kept / target", f"{_num(g['kept'])} / {_num(g['target'])}"),
-                ("candidates (keep rate)", f"{_num(g['candidates'])} ({_pct(g['keep_rate'])})"),
-                ("parse failures (rate)", f"{_num(g['parse_failures'])} ({_pct(g['parse_failure_rate'])})"),
-                (
-                    "requests / failed / retries",
-                    f"{_num(g['requests'])} / {_num(g['failed_requests'])} / {_num(g['retries'])}",
-                ),
-                (
-                    "prompt / completion tokens",
-                    f"{_num(g['prompt_tokens'])} / {_num(g['completion_tokens'])}",
-                ),
-                ("tokens per kept instruction", _num(g["tokens_per_kept"])),
-                ("cost (USD)", "–" if cost is None else f"${cost:,.4f}"),
-                (
-                    "cost per 1,000 kept instructions",
-                    "–" if g["cost_per_1k_kept"] is None else f"${g['cost_per_1k_kept']:,.4f}",
-                ),
-                ("elapsed", "–" if g["elapsed_s"] is None else f"{g['elapsed_s']:,.0f} s"),
-                ("finished", _num(g["finished"])),
-            ]
-        )
-    else:
-        body = _unavailable(g)
-    sections.append(("Generation: tokens, cost, parse failures", body))
-
-    evolution = stats.get("evolution") or {}
-    if evolution.get("available"):
-        ops = list(evolution["by_op"])
-        round_rows = [
-            [html.escape(k), f"{_num(r['survived'])} / {_num(r['attempts'])}"]
-            + [
-                f"{r['by_op'][op]['survived']} / {r['by_op'][op]['attempts']}" if op in r["by_op"] else "–"
-                for op in ops
-            ]
-            for k, r in evolution["rounds"].items()
-        ]
-        round_rows.append(
-            ["survival rate", ""] + [_pct(evolution["by_op"][op]["survival_rate"]) for op in ops]
-        )
-        depth_rows = [
-            [
-                _num(d["depth"]),
-                _num(d["records"]),
-                _num(d["instruction_words"].get("mean")),
-                _num(d["distinct_verbs"]),
-                _pct(d["share_with_verb"]),
-                _num(d["answer_words"].get("mean")),
-            ]
-            for d in evolution["by_depth"]
-        ]
-        body = (
-            _img(images.get("evolution"), "evolution by operation and depth")
-            + _grid(["round", "survived / attempts", *ops], round_rows)
-            + _grid(
-                ["depth", "records", "instruction words", "distinct verbs", "with a verb", "answer words"],
-                depth_rows,
-            )
-        )
-        sections.append(("Evolution by round, operation and depth", body))
-    selection = stats.get("selection") or {}
-    if selection.get("available"):
-        rows = [
-            [
-                html.escape(name),
-                _num(len(v["selected"])),
-                _num(_mean(v["selected"]), 2),
-                _num(_mean(v["other"]), 2),
-            ]
-            for name, v in selection["scorers"].items()
-        ]
-        body = _grid(["scorer", "selected", "mean (selected)", "mean (others)"], rows)
-        sections.append(
-            ("Selection: scores of selected vs other records", body + _img(images.get("selection"), "scores"))
-        )
-
-    if examples:
-        cards = "".join(
-            "<div class='example'>"
-            f"<p><b>Instruction</b> {html.escape(r.instruction)}</p>"
-            + (f"<p><b>Input</b> {html.escape(r.input)}</p>" if r.input.strip() else "")
-            + f"<p><b>Output</b> {html.escape(r.output)}</p></div>"
-            for r in examples
-        )
-        sections.append(("Random records", cards))
-
-    body = "".join(f"<section><h2>{html.escape(t)}</h2>{content}</section>" for t, content in sections)
-    return Template(read_template("report.html")).substitute(
-        title=html.escape(f"Corpus report: {Path(stats['source']['path']).name}"),
-        source=html.escape(
-            f"{'run directory' if stats['source']['kind'] == 'run' else 'corpus'} {stats['source']['path']}"
-        ),
-        body=body,
+    """The self-contained page: the layout lives in the `report.html` template (Jinja2, autoescaped), plots are
+    embedded as data: URIs so the file can be mailed or archived alone."""
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(num=_num, pct=_pct, mean=_mean)
+    template = env.from_string(read_template("report.html"))
+    return template.render(
+        title=f"Corpus report: {Path(stats['source']['path']).name}",
+        stats=stats,
+        images={name: _data_uri(path) for name, path in images.items() if path is not None},
+        examples=examples,
     )
 
 

@@ -338,8 +338,8 @@ class _Rater(NeedsEveryAnswer):
         self.sampling = Sampling(
             temperature=0.0, top_p=1.0, max_tokens=cfg.judge_max_tokens, json_schema=schema
         )
-        self.batch = teacher.concurrency if cfg.teacher.backend == "vllm" else 1
-        self.http_seed = None if cfg.teacher.backend == "vllm" else cfg.seed
+        self.batch = teacher.concurrency if teacher.in_process else 1
+        self.http_seed = None if teacher.in_process else cfg.seed
         self.emit: Callable[[list[dict[str, Any]]], None] = lambda lines: None
         self.advance: Callable[[int], None] = lambda n: None
         self.stop_reason: str | None = None
@@ -412,7 +412,7 @@ async def _rate_all(
     try:
         if own:
             await teacher.start()
-        slots = 1 if teacher.cfg.backend == "vllm" else teacher.concurrency
+        slots = 1 if teacher.in_process else teacher.concurrency
         for rater in raters:
             if scope is not None:
                 if not await run_batches(scope, rater.scorer, rater):
@@ -679,7 +679,6 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
     """Rate what is missing with the teacher (judge and/or deita); returns (stop reason, unparseable answers)."""
     from selfinstruct.pipeline.runner import Budget, Journal
     from selfinstruct.teachers import make_teacher
-    from selfinstruct.teachers.base import Totals
 
     state_path = run / STATE
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
@@ -688,14 +687,7 @@ def _teacher_scoring(cfg, run, cache, by, unique, templates, scorers, teacher, p
         return None, 0
     own = teacher is None
     the_teacher = teacher or make_teacher(cfg.teacher)
-    budget = Budget(
-        cfg.max_requests,
-        cfg.max_tokens,
-        cfg.max_cost,
-        earlier=Totals(**state.get("usage", {})),
-        stats=the_teacher.stats,
-        at_start=Totals.of(the_teacher.stats),
-    )
+    budget = Budget.resumed(cfg, state.get("usage", {}), the_teacher.stats)
     raters = []
     for s in scorers:
         rater = _Rater(s, todo[s], the_teacher, templates[s], cfg, budget)

@@ -75,6 +75,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # ---------------------------------------------------------------- append-only JSONL
 
 
+def existing_outputs(paths: Iterable[Path], force: bool) -> list[Path]:
+    """The output files that already exist; unless `force`, one is a UserError (a command never clobbers
+    earlier results by accident). With `force` the caller replaces them."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]}: already exists (use --force to overwrite)")
+    return existing
+
+
 def recover_torn_tail(path: str | Path) -> int:
     """Move an incomplete last line to `<path>.torn` and truncate; return the number of bytes moved."""
     path = Path(path)

@@ -46,7 +46,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.prompts import PROMPT_DIR
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import read_json_records
-from selfinstruct.store import atomic_write_text
+from selfinstruct.store import atomic_write_text, existing_outputs
 
 FLAN_DIR = PROMPT_DIR / "flan"
 SEPARATOR = "|||"
@@ -531,8 +531,7 @@ def templatize(cfg: TemplatizeConfig) -> dict[str, Any]:
     if not cfg.out:
         raise UserError("templatize needs --out FILE.jsonl")
     out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise UserError(f"{out}: already exists (use --force to overwrite)")
+    existing_outputs([out], cfg.force)
     overrides = _overrides(cfg.column)
     spec = load_template_file(cfg.template)
     if cfg.task:

@@ -92,7 +92,7 @@ class VLLMServer:
 
 @contextlib.contextmanager
 def running_vllm_server(model_dir: Path, name: str, log_dir: Path, *flags: str):
-    """A real `vllm.entrypoints.openai.api_server` serving `model_dir` as `name` (DESIGN.md §4 CPU recipe plus
+    """A real `vllm.entrypoints.openai.api_server` serving `model_dir` as `name` (CPU settings plus
     `flags`), up within 240 s; its whole process group is stopped on exit."""
     import signal
     import socket

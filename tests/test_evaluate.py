@@ -16,21 +16,19 @@ from hypothesis import strategies as st
 from selfinstruct.errors import UserError
 from selfinstruct.evaluate import (
     EvaluateConfig,
-    SplitConfig,
     evaluate,
     exact_match,
     examples_for,
     normalize_answer,
     response_losses,
     rouge_l,
-    split,
-    split_records,
     task_of,
     tokenize_example,
 )
 from selfinstruct.models import resolve_model
 from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_alpaca
+from selfinstruct.split import SplitConfig, split, split_records
 
 # ---------------------------------------------------------------- metrics
 

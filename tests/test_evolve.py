@@ -31,7 +31,7 @@ from selfinstruct.evolve import (
 from selfinstruct.filters import FilterConfig
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply, tiny_vllm_config
-from selfinstruct.testing.responders import SMALL_SEEDS, EvolveResponder
+from selfinstruct.testing.responders import SMALL_SEEDS, EvolveResponder, SignalOnFirstRequest
 
 QUIET = Console(stderr=True, quiet=True)
 
@@ -453,3 +453,12 @@ def test_evolve_on_vllm(vllm_teacher, tiny_model_dir, tmp_path):
     reached = {r["meta"]["step"] for r in rejected} | ({"kept"} if lines(out / "evolved.jsonl") else set())
     assert reached & {"judge", "answer", "kept"}, reached
     assert summary["corpus_records"] == len(lines(out / "corpus.jsonl")) == 6 + summary["kept"]
+
+
+def test_sigterm_stops_evolve_gently_with_exit_143(tmp_path):
+    inp = corpus(tmp_path / "in.jsonl", triggered=False)
+    responder = SignalOnFirstRequest(EvolveResponder(seed=1), signal.SIGTERM)
+    with FakeOpenAI(responder=responder) as server:
+        assert run_evolve(config(inp, tmp_path / "run", server, rounds=2), console=QUIET) == 143
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted"

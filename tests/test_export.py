@@ -52,7 +52,7 @@ SUMMARY = {
     "teacher_model": "teacher-xl",
     "kept": 4,
     "candidates": 11,
-    "rejected_by_reason": {"rouge_similar": 5, "too_short": 2},
+    "rejected_by_reason": {"too_similar": 5, "too_short": 2},
     "parse_failures": 1,
     "requests": 3,
     "finished": True,
@@ -234,7 +234,7 @@ def test_dataset_card_counts_stats_provenance_and_front_matter(run_dir, tmp_path
     assert "| instruction | 4 | 5.2 | 5 | 8 | 8 |" in card
     assert "| input | 3 | 4.7 | 6 | 7 | 7 |" in card
     assert "Teacher model: `teacher-xl`" in card and "Pipeline: `alpaca`" in card
-    assert "Kept instructions: 4 of 11 candidates; rejected 7 (rouge_similar 5, too_short 2)" in card
+    assert "Kept instructions: 4 of 11 candidates; rejected 7 (too_similar 5, too_short 2)" in card
     assert "`num_instructions = 4`" in card and "`seed = 7`" in card
     assert 'load_dataset("json", data_files="messages.jsonl", split="train")' in card
     assert "SFTTrainer" in card

@@ -220,7 +220,7 @@ def test_item3_instances_wait_for_a_classification(seeds, tmp_path):
 
 
 def test_item4_invalid_instances_go_before_the_conflict_check():
-    from selfinstruct.pipeline.finetune import clean_instances
+    from selfinstruct.pipeline.prepare import clean_instances
 
     dropped: Counter[str] = Counter()
     kept = clean_instances([Instance("x", "Step 1:"), Instance("x", "Boil water.")], 5, dropped)

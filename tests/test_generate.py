@@ -88,7 +88,7 @@ def check_run(out: Path, target: int, pipeline: str = "self-instruct") -> dict:
     texts = [r["instruction"].lower() for r in kept]
     assert len(set(texts)) == len(texts)
     for r in kept:
-        assert InstructionRecord.from_dict(r).to_dict() == r  # the record shape of RUN_CONTRACT.md
+        assert InstructionRecord.from_dict(r).to_dict() == r  # the record shape of rundir.KeptRecord
         assert r["origin"] == "machine" and r["meta"]["pipeline"] == pipeline and r["meta"]["prompt_hash"]
         assert r["meta"]["seed_ids"] and len(r["most_similar"]) <= 10
         assert all(score <= 0.7 for score in r["most_similar"].values())

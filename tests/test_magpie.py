@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from selfinstruct.magpie import (
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply
-from selfinstruct.testing.responders import MagpieResponder
+from selfinstruct.testing.responders import MagpieResponder, SignalOnFirstRequest
 from selfinstruct.tinymodel import CHAT_TEMPLATE as CHATML
 
 # Written for these tests in the shape of Llama 3's template: BOS, header-wrapped roles, trimmed content.
@@ -300,3 +301,10 @@ def test_turns_continue_each_conversation(tmp_path: Path, chatml_dir: Path):
         before = len(server.completions())
         assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=4, turns=3)) == 0
         assert all(r.json["max_tokens"] == 1 for r in server.completions()[before:])
+
+
+def test_sigterm_stops_magpie_gently_with_exit_143(tmp_path: Path, chatml_dir: Path):
+    with FakeOpenAI(SignalOnFirstRequest(MagpieResponder(), signal.SIGTERM)) as server:
+        assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=10)) == 143
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and not summary["finished"]

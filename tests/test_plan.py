@@ -71,7 +71,7 @@ def test_plan_cli_prices_and_batch_discount(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_hf_tokenizer_counts_the_chat_template(tiny_model_dir: Path) -> None:
-    counter = TokenCounter(str(tiny_model_dir), "vllm")
+    counter = TokenCounter(str(tiny_model_dir), in_process=True)
     assert counter.method.startswith("Hugging Face tokenizer")
     messages = [{"role": "user", "content": "Name three colours."}]
     assert counter.request(messages, None) > counter.count("Name three colours.")

@@ -12,7 +12,7 @@ import pytest
 
 from selfinstruct.filters.heuristics import Repetitive
 from selfinstruct.generate import GenerateConfig, run_generate
-from selfinstruct.pipeline.finetune import clean_instances
+from selfinstruct.pipeline.prepare import clean_instances
 from selfinstruct.prompts import Demo, Prompts
 from selfinstruct.records import Instance
 from selfinstruct.teachers import TeacherConfig

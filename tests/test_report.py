@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from selfinstruct.filters import TOO_SIMILAR
 from selfinstruct.report import StatsConfig, stats_report, verb_object
+from selfinstruct.rundir import REJECTED, RejectedRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,14 +62,18 @@ def run_dir(tmp_path: Path) -> Path:
     _jsonl(run / "instructions.jsonl", instructions)
     _jsonl(run / "corpus.jsonl", corpus)
     rejected = (
-        [("rouge_similar", "bootstrap")] * 3 + [("too_short", "bootstrap")] * 2 + [("duplicate", "instances")]
+        [(TOO_SIMILAR, "bootstrap")] * 3 + [("too_short", "bootstrap")] * 2 + [("unparseable", "instances")]
     )
-    _jsonl(run / "rejected.jsonl", [{"instruction": "x", "reason": r, "stage": s} for r, s in rejected])
+    records = [
+        RejectedRecord(instruction="x", reason=r, stage=s, nearest=None, round=0, meta={})
+        for r, s in rejected
+    ]
+    _jsonl(run / REJECTED, records)
     summary = {
         "pipeline": "self-instruct", "teacher_model": "tiny", "target": 5, "kept": 5, "candidates": 10,
         "parse_failures": 2, "requests": 4, "failed_requests": 0, "retries": 1, "prompt_tokens": 1000,
         "completion_tokens": 500, "cost": 0.25, "elapsed_s": 12.0, "finished": True,
-        "rejected_by_reason": {"rouge_similar": 3, "too_short": 2, "duplicate": 1},
+        "rejected_by_reason": {"too_similar": 3, "too_short": 2, "unparseable": 1},
     }  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     return run
@@ -105,7 +111,7 @@ def test_stats_of_a_run_directory(run_dir: Path):
 
     rejections = stats["rejections"]
     assert rejections["total"] == 6
-    assert rejections["by_reason"] == {"rouge_similar": 3, "too_short": 2, "duplicate": 1}
+    assert rejections["by_reason"] == {"too_similar": 3, "too_short": 2, "unparseable": 1}
     assert rejections["by_stage"] == {"bootstrap": 5, "instances": 1}
 
     g = stats["generation"]
@@ -125,7 +131,7 @@ def test_report_files_are_self_contained(run_dir: Path):
     images = re.findall(r'<img src="([^"]*)"', page)
     assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
-    for text in ("rouge_similar", "Tell me a joke about cats.", "16.7%", "$0.2500"):
+    for text in ("too_similar", "Tell me a joke about cats.", "16.7%", "$0.2500"):
         assert text in page
 
 

@@ -66,9 +66,11 @@ def test_merge_of_4_shards_equals_one_process(seeds: Path, tmp_path: Path) -> No
         run_generate(config(seeds, base, server, stages=["bootstrap"]))
         for name in ["single", *(f"shard{i}" for i in range(N))]:
             shutil.copytree(base, tmp_path / name)
-        run_generate(config(seeds, tmp_path / "single", server, stages=PER_RECORD))
+        # written labels: logprob scoring would add its 3 calibration requests once per shard to the usage
+        per_record = {"stages": PER_RECORD, "classify_scoring": "label"}
+        run_generate(config(seeds, tmp_path / "single", server, **per_record))
         for i in range(N):
-            run_generate(config(seeds, tmp_path / f"shard{i}", server, stages=PER_RECORD, shard=f"{i}/{N}"))
+            run_generate(config(seeds, tmp_path / f"shard{i}", server, shard=f"{i}/{N}", **per_record))
     sizes = [len(lines(tmp_path / f"shard{i}" / "classification.jsonl")) for i in range(N)]
     assert sum(sizes) == 40 and max(sizes) < 40  # each shard answered only its share
     argv = ["merge", *(str(tmp_path / f"shard{i}") for i in range(N)), "--out", str(tmp_path / "merged")]

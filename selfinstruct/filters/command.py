@@ -5,8 +5,8 @@ record joins the pool (after the optional `--pool` file, e.g. the seeds) before 
 records of one task (same `meta.task_id`, else the same text: the instances of one instruction in a
 Self-Instruct corpus) are judged once and kept or dropped together.
 Outputs: `kept.jsonl` (records unchanged, plus similarity metadata under `meta`), `rejected.jsonl` (one
-line per rejected record: reason, input line, nearest pool instruction and its ROUGE-L F, the record), and
-`summary.json` (counts by reason).
+line per rejected record, `rundir.CurationRejection`: the text, reason and stage as in a generate run's file, the
+input line, nearest pool instruction and its ROUGE-L F, the record), and `summary.json` (counts by reason).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from selfinstruct.corpus import chat_record, is_chat, is_seed_format, read_rows
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.filters import CandidateFilter, Decision
 from selfinstruct.filters.heuristics import FilterConfig
-from selfinstruct.store import RunDir
+from selfinstruct.rundir import KEPT, REJECTED, SUMMARY, CurationRejection
+from selfinstruct.store import RunDir, existing_outputs
 
-OUTPUTS = ("kept.jsonl", "rejected.jsonl", "summary.json")
+OUTPUTS = (KEPT, REJECTED, SUMMARY)
 
 
 class FilterCommandConfig(Section):
@@ -92,9 +93,17 @@ def _kept_line(record: dict[str, Any], d: Decision) -> dict[str, Any]:
     return {**record, "meta": meta}
 
 
-def _rejected_line(line: int, record: dict[str, Any], d: Decision) -> dict[str, Any]:
+def _rejected_line(line: int, record: dict[str, Any], text: str, d: Decision) -> CurationRejection:
     nearest, score = d.nearest[0] if d.nearest else (None, d.max_f)
-    return {"reason": d.reason, "line": line, "nearest": nearest, "similarity": score, "record": record}
+    return CurationRejection(
+        instruction=text,
+        reason=d.reason or "?",
+        stage="filter",
+        line=line,
+        nearest=nearest,
+        similarity=score,
+        record=record,
+    )
 
 
 def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> dict[str, Any]:
@@ -103,9 +112,7 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
         raise UserError("filter: give a corpus file (selfinstruct filter CORPUS --out DIR)")
     src = Path(cfg.input)
     out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}-filtered")
-    existing = [out / name for name in OUTPUTS if (out / name).exists()]
-    if existing and not cfg.force:
-        raise UserError(f"{existing[0]}: already exists (use --force to overwrite)")
+    existing = existing_outputs((out / name for name in OUTPUTS), cfg.force)
     src, records = read_rows(src)
     texts = _texts(src, records, cfg.field)
     pool = _texts(*read_rows(cfg.pool), cfg.field) if cfg.pool else []
@@ -118,7 +125,7 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
     with RunDir(out) as run:
         for path in existing:
             path.unlink()
-        kept, rejected = run.writer("kept.jsonl"), run.writer("rejected.jsonl")
+        kept, rejected = run.writer(KEPT), run.writer(REJECTED)
         columns = (TextColumn("filter"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("filter", total=len(records))
@@ -132,7 +139,11 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
                 judged.update(zip(new, filt(list(new.values())), strict=True))
                 pairs = [(line_rec, judged[key]) for line_rec, key in zip(batch, keys, strict=True)]
                 kept.write(_kept_line(rec, d) for (_, rec), d in pairs if d.keep)
-                rejected.write(_rejected_line(line, rec, d) for (line, rec), d in pairs if not d.keep)
+                rejected.write(
+                    _rejected_line(line, rec, text, d)
+                    for ((line, rec), d), text in zip(pairs, batch_texts, strict=True)
+                    if not d.keep
+                )
                 counts.update(d.reason or "kept" for _, d in pairs)
                 progress.advance(task, len(batch))
         summary = {
@@ -150,7 +161,7 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
             "seconds": round(time.perf_counter() - started, 3),
             "out": str(out),
         }
-        run.snapshot("summary.json", summary)
+        run.snapshot(SUMMARY, summary)
     return summary
 
 

@@ -13,10 +13,10 @@ import json
 from typing import Any
 
 from selfinstruct.parsing import parse_tasks, shown, tasks_schema
-from selfinstruct.pipeline import RunContext
-from selfinstruct.pipeline.bootstrap import Candidate, Growing, prompt_hash
+from selfinstruct.pipeline.stage import Candidate, Growing, RunContext, Stage, TemplateVars, prompt_hash
 from selfinstruct.prompts import Demo
 from selfinstruct.records import Instance, SeedTask
+from selfinstruct.rundir import INSTRUCTIONS, KeptRecord
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 DEMO_ANSWER = 3
@@ -66,7 +66,7 @@ class Alpaca(Growing):
             "seed_ids": [t.id for t in shown],
         }
         sampling = ctx.sampling(self.stage, (round_, k), **extra)
-        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=tag)
+        return TeacherRequest(messages, prompt, sampling, tag, self.template.marker)
 
     def demos(self, shown: list[SeedTask]) -> list[Demo]:
         """One worked example from other seeds: a list of tasks and, as its answer, a few more in JSON."""
@@ -104,3 +104,17 @@ class Alpaca(Growing):
 
 async def run(ctx: RunContext) -> None:
     await Alpaca(ctx).run()
+
+
+STAGE = Stage(
+    name="alpaca",
+    run=run,
+    templates={"alpaca": TemplateVars(frozenset({"tasks", "next", "count"}), frozenset({"tasks"}))},
+    decoding={
+        "reference": {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3072},
+        "chat": {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3072},
+    },
+    output=INSTRUCTIONS,
+    record=KeptRecord,
+    grows=True,
+)

@@ -91,7 +91,12 @@ class BatchLog:
 def _encode(request: TeacherRequest) -> str:
     """One request as a line of the batch's request file. A tag that is not JSON (evolve's live attempt
     objects) cannot be restored by another process: the line says so and a rerun drops its answer."""
-    data = {"messages": request.messages, "prompt": request.prompt, "sampling": asdict(request.sampling)}
+    data = {
+        "messages": request.messages,
+        "prompt": request.prompt,
+        "sampling": asdict(request.sampling),
+        "marker": request.marker,
+    }
     try:
         return json.dumps({**data, "tag": request.tag}, ensure_ascii=False)
     except TypeError:
@@ -101,7 +106,8 @@ def _encode(request: TeacherRequest) -> str:
 def _decode(data: dict[str, Any]) -> TeacherRequest | None:
     if data.get("opaque_tag"):
         return None
-    return TeacherRequest(data["messages"], data["prompt"], Sampling(**data["sampling"]), data["tag"])
+    sampling = Sampling(**data["sampling"])
+    return TeacherRequest(data["messages"], data["prompt"], sampling, data["tag"], data.get("marker"))
 
 
 async def run_batches(ctx: BatchScope, stage: str, source: Any) -> bool:

@@ -32,9 +32,10 @@ from typing import Any
 
 from selfinstruct.errors import UserError
 from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no, shown
-from selfinstruct.pipeline import CLASSIFICATION, REJECTED, PerInstruction, RunContext
+from selfinstruct.pipeline.stage import PerInstruction, RunContext, Stage, TemplateVars
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
+from selfinstruct.rundir import CLASSIFICATION, REJECTED, ClassificationRecord
 from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
@@ -117,8 +118,8 @@ class Classify(PerInstruction):
         super().__init__(ctx)
         self.logprob = ctx.cfg.classify_scoring == "logprob"
         # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No (the
-        # raw prompt's examples already end in "Classification: Yes")
-        self.template = ctx.prompts.get("classify_score" if self.logprob and ctx.chat else self.stage)
+        # raw prompt's examples already end in "Classification: Yes", so its two templates start out the same)
+        self.template = ctx.prompts.get("classify_score" if self.logprob else self.stage)
         per_class = SCORED_EXAMPLES_PER_CLASS if self.logprob else EXAMPLES_PER_CLASS
         examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed, per_class)
         answers = yes_no if self.logprob else as_json
@@ -132,12 +133,12 @@ class Classify(PerInstruction):
         else:
             extra = {"json_schema": CLASSIFY_SCHEMA} if self.ctx.chat else {"stop": ["\n"]}
         sampling = self.ctx.sampling(self.stage, rec_id, **extra)
-        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=(rec_id, instruction))
+        return TeacherRequest(messages, prompt, sampling, (rec_id, instruction), self.template.marker)
 
-    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> dict[str, Any]:
+    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> ClassificationRecord:
         if self.logprob:
             score = yes_no_score(response.choices[0].top_logprobs or {}) - self.offset
-            return {"id": rec_id, "is_classification": score > 0, "score": round(score, 4)}
+            return ClassificationRecord(id=rec_id, is_classification=score > 0, score=round(score, 4))
         text = response.choices[0].text if response.choices else ""
         label = parse_yes_no(text)
         if label is None:
@@ -145,7 +146,7 @@ class Classify(PerInstruction):
                 self.stage, instruction, "unparseable", 0, id=rec_id, answer=text[:200]
             )
             self.ctx.journal.append(REJECTED, [reject])
-        return {"id": rec_id, "is_classification": label}
+        return ClassificationRecord(id=rec_id, is_classification=label)
 
     async def calibrate(self) -> None:
         """Score the content-free tasks (also a check that the teacher gives logprobs at all); with
@@ -180,3 +181,20 @@ class Classify(PerInstruction):
 
 async def run(ctx: RunContext) -> None:
     await Classify(ctx).run()
+
+
+STAGE = Stage(
+    name="classify",
+    run=run,
+    templates={
+        name: TemplateVars(frozenset({"examples", "instruction"}), frozenset({"instruction"}))
+        for name in ("classify", "classify_score")  # classify_score: the chat prompt of logprob scoring
+    },
+    decoding={
+        "reference": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3},
+        # `{"is_classification": false}` does not fit in 3 tokens
+        "chat": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 32},
+    },
+    output=CLASSIFICATION,
+    record=ClassificationRecord,
+)

@@ -17,13 +17,15 @@ from collections import deque
 from typing import Any
 
 from selfinstruct.parsing import instances_schema, parse_instances, shown
-from selfinstruct.pipeline import CLASSIFICATION, INSTANCES, REJECTED, PerInstruction, RunContext, read_keyed
 from selfinstruct.pipeline.classify import labelled_seeds
+from selfinstruct.pipeline.stage import PerInstruction, RunContext, Stage, TemplateVars, read_keyed
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
+from selfinstruct.rundir import CLASSIFICATION, INSTANCES, REJECTED, InstancesRecord
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 EXAMPLE_TASKS = 3
+INPUT_FIRST, OUTPUT_FIRST = "instances_input_first", "instances_output_first"
 
 
 def format_examples(task: SeedTask, output_first: bool) -> str:
@@ -71,10 +73,7 @@ class Instances(PerInstruction):
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        self.templates = {
-            False: ctx.prompts.get("instances_input_first"),
-            True: ctx.prompts.get("instances_output_first"),
-        }
+        self.templates = {False: ctx.prompts.get(INPUT_FIRST), True: ctx.prompts.get(OUTPUT_FIRST)}
         self.examples: dict[bool, str] = {}
         self.demos: dict[bool, list[Demo]] = {}
         examples_from = labelled_seeds(ctx.seeds)
@@ -102,7 +101,8 @@ class Instances(PerInstruction):
 
     def request(self, rec_id: str, instruction: str) -> TeacherRequest:
         max_instances, output_first = self.ctx.cfg.max_instances, self.output_first(rec_id)
-        messages, prompt = self.templates[output_first].render(
+        template = self.templates[output_first]
+        messages, prompt = template.render(
             self.demos[output_first],
             examples=self.examples[output_first],
             instruction=instruction,
@@ -115,9 +115,9 @@ class Instances(PerInstruction):
         else:
             extra = {"stop": ["Task:"] if output_first else ["Task:", f"Example {max_instances + 1}"]}
         sampling = self.ctx.sampling(self.stage, rec_id, **extra)
-        return TeacherRequest(messages=messages, prompt=prompt, sampling=sampling, tag=(rec_id, instruction))
+        return TeacherRequest(messages, prompt, sampling, (rec_id, instruction), template.marker)
 
-    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> dict[str, Any]:
+    def answer(self, rec_id: str, instruction: str, response: TeacherResponse) -> InstancesRecord:
         output_first = self.output_first(rec_id)
         choice = response.choices[0] if response.choices else None
         text = choice.text if choice else ""
@@ -129,8 +129,24 @@ class Instances(PerInstruction):
             )
             self.ctx.journal.append(REJECTED, [reject])
         instances = [{"input": i.input, "output": i.output} for i in found]
-        return {"id": rec_id, "output_first": output_first, "instances": instances}
+        return InstancesRecord(id=rec_id, output_first=output_first, instances=instances)
 
 
 async def run(ctx: RunContext) -> None:
     await Instances(ctx).run()
+
+
+_VARS = TemplateVars(frozenset({"examples", "instruction", "count"}), frozenset({"instruction"}))
+STAGE = Stage(
+    name="instances",
+    run=run,
+    templates={INPUT_FIRST: _VARS, OUTPUT_FIRST: _VARS},
+    decoding={
+        "reference": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 1.5, "max_tokens": 300},
+        # greedy instance generation makes small models loop (SmolLM2-135M: 10 of 15 tasks survived the corpus
+        # stage's rules at temperature 0, 15 of 15 at 0.7)
+        "chat": {"temperature": 0.7, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 1024},
+    },
+    output=INSTANCES,
+    record=InstancesRecord,
+)

@@ -44,6 +44,14 @@ class Budget:
     stats: TeacherStats
     at_start: Totals  # the teacher's own totals when this session began (a shared teacher may have some)
 
+    @classmethod
+    def resumed(cls, cfg: Any, usage: dict[str, Any], stats: TeacherStats) -> Budget:
+        """The caps of a command's settings (`max_requests`, `max_tokens`, `max_cost`) for this session of a
+        run whose earlier sessions spent `usage` (from state.json); `stats` are the teacher's own counters."""
+        return cls(
+            cfg.max_requests, cfg.max_tokens, cfg.max_cost, Totals(**usage), stats, at_start=Totals.of(stats)
+        )
+
     def total(self) -> Totals:
         return self.earlier.plus(self.stats).plus(self.at_start, -1)
 
@@ -68,11 +76,14 @@ class Budget:
 
 
 class Journal:
-    """Append-only JSONL files and snapshot files written by one background thread, many records per fsync."""
+    """Append-only JSONL files and snapshot files written by one background thread, many records per fsync.
+
+    `names` are opened at once (opening recovers a torn last line); a file first named by `append` (a stage's
+    own output) is opened by the writer thread before its first write."""
 
     def __init__(self, run: RunDir, names: Sequence[str]):
         self.run = run
-        self._writers = {name: run.writer(name) for name in names}  # opening recovers a torn last line
+        self._writers = {name: run.writer(name) for name in names}
         self._pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._snapshots: dict[str, Any] = {}
         self._cond = threading.Condition()
@@ -136,6 +147,8 @@ class Journal:
                 upto = self._submitted
             try:
                 for name, records in pending.items():
+                    if name not in self._writers:
+                        self._writers[name] = self.run.writer(name)
                     self._writers[name].write(records)
                 for name, obj in snapshots.items():
                     atomic_write_json(self.run / name, obj)

@@ -37,14 +37,9 @@ def read_template(name: str) -> str:
     return (PROMPT_DIR / name).read_text(encoding="utf-8")
 
 
-# stage -> (placeholders it provides, placeholders a template must use)
+# template name -> (placeholders its caller provides, placeholders a template must use). Pipeline stages declare
+# theirs through their `Stage` (selfinstruct/pipeline/stage.py), which calls `declare_template`.
 VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "bootstrap": (frozenset({"tasks", "next", "count"}), frozenset({"tasks"})),
-    "alpaca": (frozenset({"tasks", "next", "count"}), frozenset({"tasks"})),
-    "classify": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
-    "classify_score": (frozenset({"examples", "instruction"}), frozenset({"instruction"})),
-    "instances_input_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
-    "instances_output_first": (frozenset({"examples", "instruction", "count"}), frozenset({"instruction"})),
     # `selfinstruct evolve`: one template per operation, the equality judge and the answer request
     **{
         f"evol_{op}": (frozenset({"task", "instruction", "input"}), frozenset({"task"}))
@@ -66,6 +61,14 @@ VARIABLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
 }
 
+
+def declare_template(name: str, provides: frozenset[str], requires: frozenset[str]) -> None:
+    """Make a template name known with its placeholders (a stage declaring its templates)."""
+    if VARIABLES.get(name, (provides, requires)) != (provides, requires):
+        raise ValueError(f"template {name} is declared twice with different placeholders")
+    VARIABLES[name] = (provides, requires)
+
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
 _SECTION = re.compile(r"^\[(system|user)\]\s*$", re.M)
 
@@ -85,6 +88,7 @@ class Template:
     system: str | None
     body: str  # the user message (chat) or the whole prompt (completion)
     hash: str  # short sha256 of the file text: which wording produced a record
+    marker: str  # the declared template name ("bootstrap"): requests rendered from it carry it
 
     def render(
         self, demos: Sequence[Demo] = (), **values: object
@@ -138,6 +142,8 @@ class Prompts:
 
 
 def parse_template(stage: str, name: str, source: str, text: str) -> Template:
+    if stage not in VARIABLES:
+        raise KeyError(f"template {stage} is not declared (a Stage's `templates` or prompts.VARIABLES)")
     provided, required = VARIABLES[stage]
     used = set(_PLACEHOLDER.findall(text))
     if unknown := sorted(used - provided):
@@ -161,4 +167,4 @@ def parse_template(stage: str, name: str, source: str, text: str) -> Template:
         if "user" not in sections:
             raise UserError(f"{source}: a chat template needs a [user] section")
         system, text = sections.get("system"), sections["user"]
-    return Template(name, source, system, text, digest)
+    return Template(name, source, system, text, digest, stage)

@@ -32,17 +32,33 @@ class Sampling:
     teacher whose `supports_logprobs` is False refuses such a request."""
 
 
+MARKER_HEADER = "X-Selfinstruct-Stage"
+"""The HTTP header carrying `TeacherRequest.marker`."""
+
+
+MARKER_SEPARATOR = "~"
+
+
+def batch_line_id(custom_id: str, marker: str | None) -> str:
+    """A Batch API line's custom id: the caller's id, then the request's marker (a batch line carries no
+    headers, so the stage travels in its id, where a provider's dashboard shows it too)."""
+    return custom_id if marker is None else f"{custom_id}{MARKER_SEPARATOR}{marker}"
+
+
 @dataclass
 class TeacherRequest:
     """Exactly one of `messages` (chat) or `prompt` (raw text a base model continues) is set.
 
     `tag` is the caller's own bookkeeping (round, prompt hash, seed ids shown); teachers pass it through.
+    `marker` names the template the request was rendered from; an HTTP teacher sends it as the
+    `X-Selfinstruct-Stage` header (servers ignore it; the fake server's scripted teachers answer by it).
     """
 
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
     tag: Any = None
+    marker: str | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -125,13 +141,13 @@ class Teacher(abc.ABC):
     in_process: ClassVar[bool] = False
     """True when the backend loads the model's weights itself (it needs a path or hub id, not a served name)."""
 
-    def __init__(self, cfg: Any, default_concurrency: int):
-        """`cfg` is a `TeacherConfig`; `default_concurrency` applies when it sets none."""
+    def __init__(self, cfg: Any):
+        """`cfg` is a `TeacherConfig`."""
         from selfinstruct.teachers.pricing import resolve_prices
 
         self.cfg = cfg
         self.model = cfg.model
-        self.concurrency = cfg.concurrency or default_concurrency
+        self.concurrency = cfg.concurrency_or_default
         self.stats = TeacherStats()
         self.prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
 

@@ -100,6 +100,17 @@ class TeacherConfig(Section):
         json_schema_extra={"flag": "--teacher-quantization"},
     )
 
+    @property
+    def in_process(self) -> bool:
+        """The model runs in this process (in-process vLLM: `model` is a local path or hub id to load), rather
+        than behind an HTTP endpoint; what a command checks before any teacher exists."""
+        return self.backend == "vllm"
+
+    @property
+    def concurrency_or_default(self) -> int:
+        """`--concurrency`, else the backend's default (an engine batches what is in flight: give it plenty)."""
+        return self.concurrency or (256 if self.in_process else 32)
+
     @model_validator(mode="after")
     def _batch_needs_http(self) -> TeacherConfig:
         if self.batch_api and self.backend != "openai":

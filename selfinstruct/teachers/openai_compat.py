@@ -45,14 +45,22 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from selfinstruct.errors import UserError
-from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherResponse, Usage
+from selfinstruct.teachers.base import (
+    MARKER_HEADER,
+    MARKER_SEPARATOR,
+    Choice,
+    Teacher,
+    TeacherRequest,
+    TeacherResponse,
+    Usage,
+    batch_line_id,
+)
 from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
 
 log = logging.getLogger(__name__)
 
 OPENAI_URL = "https://api.openai.com/v1"
-DEFAULT_CONCURRENCY = 32
 MAX_BACKOFF = 60.0
 PROBE_TIMEOUT = 60.0
 MAX_RETRY_AFTER = 600.0  # a server asking for longer is treated as asking for 10 minutes
@@ -231,7 +239,7 @@ class OpenAITeacher(Teacher):
     supports_logprobs = True  # the API's `logprobs`; a server that answers without them is a bad body
 
     def __init__(self, cfg: TeacherConfig):
-        super().__init__(cfg, DEFAULT_CONCURRENCY)
+        super().__init__(cfg)
         self.structured_supported = True  # turned off for the run when a server rejects response_format
         self._send_seeds = cfg.request_seed is not False  # auto: decided in start() by asking the endpoints
         self._urls = cfg.base_url or [os.environ.get("OPENAI_BASE_URL") or OPENAI_URL]
@@ -356,9 +364,7 @@ class OpenAITeacher(Teacher):
         while response.error is None and len(response.choices) < s.n:
             seed = None if s.seed is None else s.seed + len(response.choices)
             sampling = replace(s, n=s.n - len(response.choices), seed=seed)
-            more = await self._complete(
-                TeacherRequest(request.messages, request.prompt, sampling, request.tag)
-            )
+            more = await self._complete(replace(request, sampling=sampling))
             if more.error is not None:
                 break  # keep the choices we have
             response.choices += more.choices
@@ -508,6 +514,8 @@ class OpenAITeacher(Teacher):
         args = self._body(ep, request, structured)
         if timeout is not None:
             args["timeout"] = timeout
+        if request.marker is not None:
+            args["extra_headers"] = {MARKER_HEADER: request.marker}
         if request.messages is not None:
             out: Any = await ep.client.chat.completions.create(**args)
         else:
@@ -558,7 +566,7 @@ class OpenAITeacher(Teacher):
         lines = [
             json.dumps(
                 {
-                    "custom_id": cid,
+                    "custom_id": batch_line_id(cid, r.marker),
                     "method": "POST",
                     "url": url,
                     "body": self._body(ep, r, self._structured(r)),
@@ -609,7 +617,7 @@ class OpenAITeacher(Teacher):
                 if not line.strip():
                     continue
                 item = json.loads(line)
-                request = requests.get(item.get("custom_id"))
+                request = requests.get(str(item.get("custom_id", "")).split(MARKER_SEPARATOR, 1)[0])
                 if request is not None:
                     out.append(self._batch_response(request, item))
         return out

@@ -33,7 +33,6 @@ from selfinstruct.teachers.base import Choice, Teacher, TeacherRequest, TeacherR
 from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
 
-DEFAULT_CONCURRENCY = 256  # the engine batches whatever is in flight: give it plenty
 SHUTDOWN_GRACE_S = 1.0
 """Seconds the engine's processes get to exit after SIGTERM before they are killed (vLLM's default: 5)."""
 CLOSE_WAIT_S = 0.5
@@ -84,7 +83,7 @@ class VLLMTeacher(Teacher):
     supports_logprobs = True
 
     def __init__(self, cfg: TeacherConfig):
-        super().__init__(cfg, DEFAULT_CONCURRENCY)
+        super().__init__(cfg)
         self._llm: Any = None
         self._model_path = self.model  # what vLLM loads: `model` resolved by `selfinstruct.models`
         self._engine_procs: list[Any] = []  # the processes building the engine started (and only those)

@@ -12,7 +12,7 @@ __all__ = ["FakeOpenAI", "Received", "Reply", "tiny_vllm_config"]
 
 
 def tiny_vllm_config(model_dir: str | Path, **overrides: Any) -> TeacherConfig:
-    """In-process vLLM teacher settings that run a `selfinstruct.tinymodel` model on a CPU (DESIGN.md §4).
+    """In-process vLLM teacher settings that run a `selfinstruct.tinymodel` model on a CPU.
 
     Also set `VLLM_CPU_KVCACHE_SPACE=1` in the environment before vLLM starts, or it reserves most of the RAM.
     """

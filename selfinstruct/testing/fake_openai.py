@@ -13,6 +13,10 @@ It also speaks the Files and Batches APIs (`/v1/files`, `/v1/files/{id}/content`
 direct requests (responder, script, faults) into an output file (status 200) and an error file (the rest).
 `batch_creations` counts created batches, so a test can tell a resumed batch from a resubmitted one.
 
+A responder sees the request body, plus the `X-Selfinstruct-Stage` header (`TeacherRequest.marker`: the
+template the request was rendered from) under the key `MARKER`, so a scripted teacher can answer by stage
+without reading the prompt's wording.
+
 One thread per connection (stdlib `ThreadingHTTPServer`): a fixed latency sleeps only its own connection, so
 hundreds of concurrent requests are served in parallel.
 """
@@ -34,6 +38,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from selfinstruct.teachers.base import MARKER_HEADER, MARKER_SEPARATOR
+
+MARKER = "x_selfinstruct_stage"
+"""Key of the marker header in the request a responder is given."""
 
 
 @dataclass
@@ -205,11 +214,14 @@ class FakeOpenAI:
             return [r for r in self.requests if r.path != "/v1/models" and r.path.endswith(path_suffix)]
 
     # -- answering (called from handler threads) ------------------------------------------------------------
-    def _next_reply(self, request: dict[str, Any]) -> Reply:
+    def _next_reply(self, request: dict[str, Any], marker: str | None) -> Reply:
         with self._lock:
             reply = self._script.popleft() if self._script else Reply()
         if reply.text is None and reply.body is None and reply.status == 200:
-            answer = self.responder(request) if self.responder else _default_text(request)
+            if self.responder:
+                answer = self.responder({**request, MARKER: marker} if marker else request)
+            else:
+                answer = _default_text(request)
             if isinstance(answer, Reply):
                 return answer
             reply = dataclasses.replace(
@@ -217,7 +229,9 @@ class FakeOpenAI:
             )  # a scripted delay / finish_reason keeps its fault
         return reply
 
-    def _answer(self, path: str, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    def _answer(
+        self, path: str, request: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
         if path.startswith(("/v1/files", "/v1/batches")):
             return self._batch_api(path, request) if self.batch_api else _error(404, f"no route {path}", None)
         if path == "/v1/models":
@@ -234,7 +248,7 @@ class FakeOpenAI:
             return _error(400, "response_format is not supported by this server", "invalid_request")
         if self.reject_logprobs and (request.get("logprobs") or request.get("top_logprobs")):
             return _error(400, "logprobs are not supported by this server", "invalid_request")
-        reply = self._next_reply(request)
+        reply = self._next_reply(request, headers.get(MARKER_HEADER.lower()))
         if self.latency + reply.delay > 0 and self._stopping.wait(self.latency + reply.delay):
             return _error(503, "server stopping", None)
         if reply.status != 200:
@@ -306,9 +320,11 @@ class FakeOpenAI:
             if not raw.strip():
                 continue
             line = json.loads(raw)
+            _, _, marker = str(line["custom_id"]).partition(MARKER_SEPARATOR)  # a batch line has no headers
+            headers = {MARKER_HEADER.lower(): marker} if marker else {}
             with self._lock:
-                self.requests.append(Received(line["url"], line["body"], {}, time.monotonic()))
-            status, _, body = self._answer(line["url"], line["body"])
+                self.requests.append(Received(line["url"], line["body"], headers, time.monotonic()))
+            status, _, body = self._answer(line["url"], line["body"], headers)
             result = {
                 "id": f"batch_req_{random.getrandbits(48):012x}",
                 "custom_id": line["custom_id"],
@@ -507,7 +523,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
         try:
             try:
-                answer = fake._answer(path, request)
+                answer = fake._answer(path, request, headers)
             except Exception as exc:  # a broken test responder: say so instead of dropping the connection
                 answer = _error(500, f"fake server responder failed: {exc!r}", None)
             self._send(*answer)

@@ -1,6 +1,6 @@
 """A scripted teacher for `FakeOpenAI`: plausible answers to every generate prompt, deterministic per request.
 
-`PipelineResponder()` recognises which stage a request comes from (bootstrap, Alpaca, classification, instance
+`PipelineResponder()` answers by the stage marker a request carries (bootstrap, Alpaca, classification, instance
 generation; chat or raw completion) and answers in the shape a real model would: JSON when the request carries
 a `response_format`, otherwise text — optionally in the messy variants real chat models produce (preambles,
 "Task 1:", bullets, bold, code fences). Instructions come from a combinatorial grammar, so most of them are
@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from selfinstruct.testing.fake_openai import Reply
+from selfinstruct.testing.fake_openai import MARKER, Reply
 
 VERBS = "Write Draft Compose Create Outline Summarize Explain Describe Suggest Propose Plan Design Compare Evaluate".split()
 DOCS = (
@@ -177,29 +178,30 @@ class PipelineResponder:
             return Reply(text=answer[: max(1, len(answer) * 2 // 3)], finish_reason="length")
         return answer
 
-    # -- stage detection ------------------------------------------------------------------------------
+    # -- dispatch by the request's marker (the template it was rendered from) -------------------------
     def _answer(
         self, text: str, chat: bool, structured: bool, request: dict[str, Any], rng: random.Random
     ) -> str:
-        if chat:
-            if '"instructions"' in text:
+        marker = request.get(MARKER)
+        if marker == "bootstrap":
+            if chat:
                 return self._bootstrap_chat(text, structured, rng)
-            if '"tasks"' in text:
-                return self._alpaca_chat(text, structured, rng)
-            if '"is_classification"' in text:
-                return self._classify(text, structured)
-            if '"label"' in text:
-                return self._instances(rng, output_first=True, json_=structured or not self.messy)
-            return self._instances(rng, output_first=False, json_=structured or not self.messy)
-        stripped = text.rstrip()
-        if stripped.endswith("Instruction:"):
-            return self._alpaca_completion(text, request, rng)
-        if stripped.endswith("Classification:"):
-            return " " + self._classify(text, False)
-        if re.search(r"\n\d+\.$", stripped):
-            return self._bootstrap_completion(stripped, request, rng)
-        output_first = "Class label:" in text.split("Task:")[-2] if text.count("Task:") > 1 else False
-        return "\n" + self._instances(rng, output_first=output_first, json_=False)
+            return self._bootstrap_completion(text.rstrip(), request, rng)
+        if marker == "alpaca":
+            return (
+                self._alpaca_chat(text, structured, rng)
+                if chat
+                else self._alpaca_completion(text, request, rng)
+            )
+        if marker in ("classify", "classify_score"):
+            return self._classify(text, structured) if chat else " " + self._classify(text, False)
+        if marker in ("instances_input_first", "instances_output_first"):
+            output_first = marker == "instances_output_first"
+            json_ = chat and (structured or not self.messy)
+            return ("" if chat else "\n") + self._instances(rng, output_first=output_first, json_=json_)
+        if marker is None:  # not a pipeline request: the teacher's start-up check ("Say OK.")
+            return "OK"
+        raise ValueError(f"PipelineResponder: no answer for a request marked {marker!r}")
 
     # -- bootstrap ------------------------------------------------------------------------------------
     def _bootstrap_chat(self, text: str, structured: bool, rng: random.Random) -> str:
@@ -666,3 +668,20 @@ class PrefsResponder:
         if self.prose:
             return "Neither is better: tie." if better == "tie" else f"Answer {better} is better."
         return json.dumps({"better": better})
+
+
+class SignalOnFirstRequest:
+    """Wrap a responder: the first request sends `sig` to this very process (as `kill` would) and is answered
+    only after `delay` seconds, so the command is stopped with a request in flight."""
+
+    def __init__(self, inner: Callable[[dict[str, Any]], str | Reply], sig: int, delay: float = 1.0):
+        self.inner, self.sig, self.delay = inner, sig, delay
+        self._sent = threading.Event()
+
+    def __call__(self, request: dict[str, Any]) -> str | Reply:
+        answer = self.inner(request)
+        if self._sent.is_set():
+            return answer
+        self._sent.set()
+        os.kill(os.getpid(), self.sig)
+        return Reply.slow(self.delay, answer if isinstance(answer, str) else None)

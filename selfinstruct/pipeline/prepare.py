@@ -1,4 +1,8 @@
-"""The last stage of both pipelines: clean the instances and write `corpus.jsonl` (Alpaca fields + `meta`).
+"""The last stage of both pipelines (named `finetune` on the command line, as in the reference's "prepare for
+finetuning"): clean the instances and write `corpus.jsonl` (Alpaca fields + `meta`). It trains nothing.
+
+Instances come from `instances.jsonl` when the pipeline has a stage writing it (Self-Instruct), else from the
+kept record itself (Alpaca: each task carries its one instance).
 
 The reference's finetune-preparation rules, in its order: an instance is dropped when its output is empty, its
 input equals its output, or its input or output ends with ":" (usually a cut-off generation); then a task whose
@@ -17,16 +21,9 @@ from collections import Counter
 from typing import Any
 
 from selfinstruct.filters.heuristics import Repetitive
-from selfinstruct.pipeline import (
-    CLASSIFICATION,
-    CORPUS,
-    INSTANCES,
-    INSTRUCTIONS,
-    RunContext,
-    owned_records,
-    read_keyed,
-)
+from selfinstruct.pipeline.stage import RunContext, Stage, owned_records, read_keyed
 from selfinstruct.records import CorpusRecord, Instance
+from selfinstruct.rundir import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS
 from selfinstruct.store import atomic_write_text
 
 
@@ -69,17 +66,21 @@ def clean_instances(
     return kept
 
 
+NAME = "finetune"
+
+
 async def run(ctx: RunContext) -> None:
-    cfg, stats = ctx.cfg, ctx.stats["finetune"]
+    cfg, stats = ctx.cfg, ctx.stats[NAME]
     instructions = owned_records(ctx, read_keyed(ctx.run, INSTRUCTIONS))  # --shard: this job's share
     labels = read_keyed(ctx.run, CLASSIFICATION)
-    generated = read_keyed(ctx.run, INSTANCES) if cfg.pipeline == "self-instruct" else {}
+    from_instances = any(stage.output == INSTANCES for stage in ctx.pipeline)
+    generated = read_keyed(ctx.run, INSTANCES) if from_instances else {}
     dropped: Counter[str] = Counter()
     repetitive = Repetitive() if cfg.drop_repetitive else None
     records: list[CorpusRecord] = []
     waiting = tasks_dropped = 0
     for rec_id, rec in instructions.items():
-        if cfg.pipeline == "self-instruct":
+        if from_instances:
             if rec_id not in generated:
                 waiting += 1  # instance generation has not reached it yet
                 continue
@@ -119,3 +120,6 @@ async def run(ctx: RunContext) -> None:
         "tasks_dropped": tasks_dropped,
         "instances_dropped": dict(dropped.most_common()),
     }
+
+
+STAGE = Stage(name=NAME, run=run, output=CORPUS, record=CorpusRecord)
