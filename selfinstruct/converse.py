@@ -24,12 +24,10 @@ conversation under way when the run died starts over). `corpus.jsonl` (chat form
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import random
 import re
-import signal
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from selfinstruct.filters.heuristics import build_heuristics, normalize
 from selfinstruct.generate import Monitor, open_state
 from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
+from selfinstruct.pipeline.session import exit_code, teacher_session
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import CONFIG, STATE, SUMMARY
@@ -569,7 +568,7 @@ def run_converse(
     console: Console | None = None,
 ) -> int:
     """Grow (or resume growing) `cfg.input` into conversations in `cfg.out`. `teacher` / `user_teacher`: already
-    started teachers (tests). Returns 0 when finished or stopped by a budget cap, 130 when interrupted."""
+    started teachers (tests). Returns 0 when finished or stopped by a budget cap, 130 after Ctrl-C, 143 after SIGTERM."""
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     bounds = cfg.bounds()
     records, source = load_input(cfg)
@@ -649,31 +648,10 @@ def run_converse(
             atomic_write_json(run / SUMMARY, summary)
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
-    return 130 if ctx.stop_reason == "interrupted" else 0
+    return exit_code(ctx)
 
 
 async def _session(ctx: RunContext, talker: Talker, own_teacher: bool, console: Console) -> None:
-    """Start the teacher(s), run the conversations, stop cleanly on the first Ctrl-C (a second one aborts)."""
-    loop = asyncio.get_running_loop()
-    ctx.stop = asyncio.Event()
-
-    def interrupt() -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
-        ctx.stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt)
-            handled.append(sig)
-    try:
-        if own_teacher:
-            await ctx.teacher.start()
+    """Start the teacher(s), run the conversations, stop cleanly on the first Ctrl-C or SIGTERM."""
+    async with teacher_session(ctx, own_teacher, console):
         await run_stage(ctx, STAGE, talker)
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if own_teacher:
-            await ctx.teacher.close()

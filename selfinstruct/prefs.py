@@ -36,12 +36,10 @@ gave no pair, with its reason and the judge's raw output), `summary.json`, `conf
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import random
 import re
-import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +57,7 @@ from selfinstruct.models import resolve_model
 from selfinstruct.parsing import _json_values, _object, _unfence
 from selfinstruct.pipeline import REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
+from selfinstruct.pipeline.session import exit_code, teacher_session
 from selfinstruct.prompts import Prompts, Template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import CONFIG, STATE, SUMMARY
@@ -694,7 +693,7 @@ def _check(cfg: PrefsConfig) -> list[Policy]:
 def run_prefs(cfg: PrefsConfig, *, console: Console | None = None) -> int:
     """Sample, judge and pair (or resume doing so) `cfg.input` into `cfg.out`.
 
-    Returns 0 when finished or stopped by a budget cap, 130 when interrupted.
+    Returns 0 when finished or stopped by a budget cap, 130 after Ctrl-C, 143 after SIGTERM.
     """
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     policies = _check(cfg)
@@ -758,7 +757,7 @@ def run_prefs(cfg: PrefsConfig, *, console: Console | None = None) -> int:
             atomic_write_json(run / SUMMARY, summary)
             atomic_write_json(run / STATE, monitor.state_snapshot())
         monitor.print_final(summary, run)
-    return 130 if ctx.stop_reason == "interrupted" else 0
+    return exit_code(ctx)
 
 
 def _budget(cfg: PrefsConfig, spent: Totals, teacher: Teacher | None) -> Budget:
@@ -777,22 +776,8 @@ async def _session(
     template: Template,
     console: Console,
 ) -> None:
-    """Each policy in turn (one engine at a time), then the judge; the first Ctrl-C stops cleanly."""
-    loop = asyncio.get_running_loop()
-    ctx.stop = asyncio.Event()
-
-    def interrupt() -> None:
-        console.print("stopping: letting writes finish (Ctrl-C again to abort)", markup=False)
-        ctx.stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-    handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            loop.add_signal_handler(sig, interrupt)
-            handled.append(sig)
-    try:
+    """Each policy in turn (one engine at a time), then the judge; the first Ctrl-C or SIGTERM stops cleanly."""
+    async with teacher_session(ctx, False, console):  # each teacher is started and closed in its turn
         for policy in policies:
             todo = plan.sample_todo(policy)
             if todo and ctx.stop_reason is None:
@@ -803,9 +788,6 @@ async def _session(
             ctx.stats["judge"].total, ctx.stats["judge"].done = total, total - len(todo)
             if todo:
                 await _with_teacher(ctx, cfg, cfg.teacher, Judge(ctx, template, cfg.rubric, todo))
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
 
 
 async def _with_teacher(ctx: RunContext, cfg: PrefsConfig, teacher_cfg: TeacherConfig, source: Any) -> None:

@@ -22,7 +22,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.export import ExportConfig, run_export
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI
-from selfinstruct.testing.responders import SMALL_SEEDS, ConverseResponder
+from selfinstruct.testing.responders import SMALL_SEEDS, ConverseResponder, SignalOnFirstRequest
 
 QUIET = Console(stderr=True, quiet=True)
 
@@ -410,3 +410,13 @@ def test_converse_on_vllm(vllm_teacher, tiny_model_dir, tmp_path):
     assert summary["rejected_by_reason"] == dict(Counter(r["reason"] for r in rejected))
     for rec in lines(tmp_path / "run" / "corpus.jsonl"):
         check_shape(rec["messages"], 2, 2)
+
+
+def test_sigterm_stops_converse_gently_with_exit_143(tmp_path):
+    inp = corpus(tmp_path / "in.jsonl", triggered=False)
+    with FakeOpenAI(responder=SignalOnFirstRequest(ConverseResponder(seed=6), signal.SIGTERM)) as server:
+        assert run_converse(config(inp, tmp_path / "run", server, turns="2-3"), console=QUIET) == 143
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and not summary["finished"]
+    for record in lines(tmp_path / "run" / "conversations.jsonl"):  # whatever is written is whole
+        check_shape(record["messages"], 2, 3)

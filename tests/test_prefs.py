@@ -5,6 +5,7 @@ vLLM policy (the tiny model) for on-policy data."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from selfinstruct.prefs import (
 )
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI
-from selfinstruct.testing.responders import PrefsResponder, quality
+from selfinstruct.testing.responders import PrefsResponder, SignalOnFirstRequest, quality
 
 PROMPTS = [
     "Explain how tides work.",
@@ -256,3 +257,17 @@ def test_a_budget_stop_resumes_to_the_same_pairs(tmp_path):
         assert summary["finished"] and summary["sessions"] == 2
     assert read(tmp_path / "capped" / "prefs.jsonl") == read(tmp_path / "whole" / "prefs.jsonl")
     assert len(read(tmp_path / "capped" / "samples.jsonl")) == len(PROMPTS)  # nothing sampled twice
+
+
+def test_sigterm_stops_prefs_gently_with_exit_143(tmp_path):
+    with FakeOpenAI(SignalOnFirstRequest(PrefsResponder(), signal.SIGTERM)) as server:
+        cfg = PrefsConfig(
+            input=str(corpus(tmp_path)),
+            out=str(tmp_path / "run"),
+            policy=[f"openai:fake-model@{server.url}"],
+            n=2,
+            teacher=judge(server.url, concurrency=1),
+        )
+        assert run_prefs(cfg) == 143
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and not summary["finished"]
