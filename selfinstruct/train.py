@@ -505,35 +505,12 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
 
     model_kwargs, quantization, peft_config = _model_options(cfg)
     args = SFTConfig(
-        output_dir=str(cfg.out),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length,
+        **_trainer_args(cfg, bool(eval_rows), cuda, model_kwargs),
         packing=cfg.packing,
         packing_strategy="bfd",
         eos_token=cfg.eos,  # TRL mirrors it into the model config and the saved generation config
         completion_only_loss=True,
         loss_type="nll",
-        bf16=cfg.precision == "bf16",
-        fp16=cfg.precision == "fp16",
-        gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=cfg.save_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        report_to=cfg.report_to,
-        seed=cfg.seed,
-        dataloader_pin_memory=cuda,
-        model_init_kwargs=model_kwargs,
     )
     try:
         trainer = SFTTrainer(
@@ -555,6 +532,38 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     if trainer.is_world_process_zero():
         print(f"training on {len(train_rows)} examples from {data_path} ({len(eval_rows)} held out for eval)")
     return trainer, cfg, len(train_rows), len(eval_rows)
+
+
+def _trainer_args(
+    cfg: TrainConfig, has_eval: bool, cuda: bool, model_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The `TrainingArguments` SFT and DPO share: schedule, batch, precision, checkpoints, logging."""
+    return {
+        "output_dir": str(cfg.out),
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps or -1,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_ratio,
+        "weight_decay": cfg.weight_decay,
+        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "max_length": cfg.max_length,
+        "bf16": cfg.precision == "bf16",
+        "fp16": cfg.precision == "fp16",
+        "gradient_checkpointing": bool(cfg.gradient_checkpointing),
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": cfg.save_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "logging_steps": cfg.logging_steps,
+        "report_to": cfg.report_to,
+        "seed": cfg.seed,
+        "dataloader_pin_memory": cuda,
+        "model_init_kwargs": model_kwargs,
+    }
 
 
 def _model_options(cfg: TrainConfig) -> tuple[dict[str, Any], Any, Any]:
@@ -682,31 +691,8 @@ def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
         ref_kwargs = {**model_kwargs, **({"quantization_config": quantization} if quantization else {})}
         ref_model = AutoModelForCausalLM.from_pretrained(ref_path, **ref_kwargs)
     args = DPOConfig(
-        output_dir=str(cfg.out),
+        **_trainer_args(cfg, bool(eval_rows), cuda, model_kwargs),
         beta=cfg.beta,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length,
-        bf16=cfg.precision == "bf16",
-        fp16=cfg.precision == "fp16",
-        gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=cfg.save_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        report_to=cfg.report_to,
-        seed=cfg.seed,
-        dataloader_pin_memory=cuda,
-        model_init_kwargs=model_kwargs,
     )
     try:
         trainer = DPOTrainer(
