@@ -644,9 +644,7 @@ def run_converse(
         finally:
             journal.close()
             monitor.corpus = write_corpus(run)
-            summary = monitor.summary(final=True)
-            atomic_write_json(run / SUMMARY, summary)
-            atomic_write_json(run / STATE, monitor.state_snapshot())
+            summary = monitor.write_final(run)
         monitor.print_final(summary, run)
     return exit_code(ctx)
 

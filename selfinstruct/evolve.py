@@ -840,9 +840,7 @@ def run_evolve(cfg: EvolveConfig, *, teacher: Teacher | None = None, console: Co
         finally:
             journal.close()
             monitor.corpus_records = write_corpus(run, records, cfg.include_originals)
-            summary = monitor.summary(final=True)
-            atomic_write_json(run / SUMMARY, summary)
-            atomic_write_json(run / STATE, monitor.state_snapshot())
+            summary = monitor.write_final(run)
         monitor.print_final(summary, run)
     return exit_code(ctx)
 

@@ -366,6 +366,13 @@ class Monitor:
             sessions=self.state.get("sessions", 1),
         )
 
+    def write_final(self, run: RunDir) -> Summary:
+        """The session's last `summary.json` and `state.json` (after the journal is closed); the summary."""
+        summary = self.summary(final=True)
+        atomic_write_json(run / SUMMARY, summary)
+        atomic_write_json(run / STATE, self.state_snapshot())
+        return summary
+
     def print_final(self, summary: Summary, run: RunDir) -> None:
         """The closing summary; names, paths and reasons are printed as plain text (no rich markup)."""
 
@@ -455,9 +462,7 @@ def run_generate(
                 asyncio.run(_session(ctx, stages, own_teacher, console))
         finally:
             journal.close()
-            summary = monitor.summary(final=True)
-            atomic_write_json(run / SUMMARY, summary)
-            atomic_write_json(run / STATE, monitor.state_snapshot())
+            summary = monitor.write_final(run)
         monitor.print_final(summary, run)
     return exit_code(ctx)
 

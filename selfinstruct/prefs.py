@@ -753,9 +753,7 @@ def run_prefs(cfg: PrefsConfig, *, console: Console | None = None) -> int:
         finally:
             journal.close()
             monitor.built = build_outputs(run, Plan.read(run, records, policies), cfg, template)
-            summary = monitor.summary(final=True)
-            atomic_write_json(run / SUMMARY, summary)
-            atomic_write_json(run / STATE, monitor.state_snapshot())
+            summary = monitor.write_final(run)
         monitor.print_final(summary, run)
     return exit_code(ctx)
 
