@@ -45,6 +45,12 @@ def batch_line_id(custom_id: str, marker: str | None) -> str:
     return custom_id if marker is None else f"{custom_id}{MARKER_SEPARATOR}{marker}"
 
 
+def split_batch_line_id(line_id: str) -> tuple[str, str | None]:
+    """(the caller's id, the marker or None) of a `batch_line_id`."""
+    custom_id, _, marker = line_id.partition(MARKER_SEPARATOR)
+    return custom_id, marker or None
+
+
 @dataclass
 class TeacherRequest:
     """Exactly one of `messages` (chat) or `prompt` (raw text a base model continues) is set.

@@ -47,13 +47,13 @@ from openai.types.chat import ChatCompletion
 from selfinstruct.errors import UserError
 from selfinstruct.teachers.base import (
     MARKER_HEADER,
-    MARKER_SEPARATOR,
     Choice,
     Teacher,
     TeacherRequest,
     TeacherResponse,
     Usage,
     batch_line_id,
+    split_batch_line_id,
 )
 from selfinstruct.teachers.config import TeacherConfig
 from selfinstruct.teachers.pricing import cost
@@ -617,7 +617,7 @@ class OpenAITeacher(Teacher):
                 if not line.strip():
                     continue
                 item = json.loads(line)
-                request = requests.get(str(item.get("custom_id", "")).split(MARKER_SEPARATOR, 1)[0])
+                request = requests.get(split_batch_line_id(str(item.get("custom_id", "")))[0])
                 if request is not None:
                     out.append(self._batch_response(request, item))
         return out

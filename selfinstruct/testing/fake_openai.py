@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from selfinstruct.teachers.base import MARKER_HEADER, MARKER_SEPARATOR
+from selfinstruct.teachers.base import MARKER_HEADER, split_batch_line_id
 
 MARKER = "x_selfinstruct_stage"
 """Key of the marker header in the request a responder is given."""
@@ -320,7 +320,7 @@ class FakeOpenAI:
             if not raw.strip():
                 continue
             line = json.loads(raw)
-            _, _, marker = str(line["custom_id"]).partition(MARKER_SEPARATOR)  # a batch line has no headers
+            _, marker = split_batch_line_id(str(line["custom_id"]))  # a batch line has no headers
             headers = {MARKER_HEADER.lower(): marker} if marker else {}
             with self._lock:
                 self.requests.append(Received(line["url"], line["body"], headers, time.monotonic()))
