@@ -426,8 +426,9 @@ def run_generate(
     stages = cfg.chosen_stages()
     prompts = Prompts("chat" if cfg.teacher.api == "chat" else "completion", cfg.prompt_dir)
     for stage in stages:  # fail on a bad template before any request is sent
-        for name in STAGES[stage].templates:
-            prompts.get(name)
+        for name, v in STAGES[stage].templates.items():
+            if prompts.style in v.styles:
+                prompts.get(name)
     identity = _identity(cfg)
     with RunDir(cfg.out) as run:
         state = open_state(run, identity, "a generate run", _mismatch(run, identity))

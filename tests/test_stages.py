@@ -58,9 +58,10 @@ def test_pipelines_are_registered_stages_with_declared_templates():
     assert PIPELINES["alpaca"] == ("alpaca", "finetune")
     for stages in PIPELINES.values():
         for name in stages:
-            for template in STAGES[name].templates:
-                for style in ("chat", "completion"):
+            for template, v in STAGES[name].templates.items():
+                for style in v.styles:
                     assert Prompts(style).get(template).marker == template
+    assert STAGES["classify"].templates["classify_score"].styles == {"chat"}
     assert [s for s in STAGES.values() if s.grows] == [STAGES["bootstrap"], STAGES["alpaca"]]
 
 

@@ -117,9 +117,9 @@ class Classify(PerInstruction):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.logprob = ctx.cfg.classify_scoring == "logprob"
-        # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No (the
-        # raw prompt's examples already end in "Classification: Yes", so its two templates start out the same)
-        self.template = ctx.prompts.get("classify_score" if self.logprob else self.stage)
+        # logprob scoring needs the answer's first token to be the label: chat demos answer a bare Yes/No, while
+        # the raw prompt's examples already end in "Classification: Yes", so raw text scores with its own template
+        self.template = ctx.prompts.get("classify_score" if self.logprob and ctx.chat else self.stage)
         per_class = SCORED_EXAMPLES_PER_CLASS if self.logprob else EXAMPLES_PER_CLASS
         examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed, per_class)
         answers = yes_no if self.logprob else as_json
@@ -187,8 +187,11 @@ STAGE = Stage(
     name="classify",
     run=run,
     templates={
-        name: TemplateVars(frozenset({"examples", "instruction"}), frozenset({"instruction"}))
-        for name in ("classify", "classify_score")  # classify_score: the chat prompt of logprob scoring
+        "classify": TemplateVars(frozenset({"examples", "instruction"}), frozenset({"instruction"})),
+        # the chat prompt of logprob scoring
+        "classify_score": TemplateVars(
+            frozenset({"examples", "instruction"}), frozenset({"instruction"}), frozenset({"chat"})
+        ),
     },
     decoding={
         "reference": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3},

@@ -42,10 +42,14 @@ DECODING_KEYS = ("temperature", "top_p", "presence_penalty", "max_tokens")
 
 @dataclass(frozen=True)
 class TemplateVars:
-    """The placeholders a stage provides to one of its templates, and those a template must use."""
+    """The placeholders a stage provides to one of its templates, and those a template must use.
+
+    `styles`: the prompt styles the template exists in (a chat-only template has no raw-text file).
+    """
 
     provides: frozenset[str]
     requires: frozenset[str]
+    styles: frozenset[str] = frozenset({"chat", "completion"})
 
 
 @dataclass(frozen=True)
