@@ -61,7 +61,7 @@ class TemplatizeConfig(Section):
     source: str | None = Field(
         None,
         description="labelled data: a CSV, JSON/JSONL or Parquet file, or a Hugging Face dataset name or "
-        "directory (loaded with `datasets`, offline from local files and its cache)",
+        "directory (a data directory or one written by save_to_disk; offline from local files and the cache)",
         json_schema_extra={"positional": True},
     )
     template: str | None = Field(
