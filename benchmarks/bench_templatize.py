@@ -20,6 +20,8 @@ from pathlib import Path
 
 from selfinstruct.templatize import TemplatizeConfig, templatize
 
+GOAL_SECONDS = 60  # for 100k rows (issue #14); small --rows runs understate the rate (fixed start-up costs)
+
 WORDS = (
     "the a this that film movie product service story plot acting battery screen price staff room food "
     "really very quite not never always great good bad awful boring lovely cheap sturdy broken slow fast "
@@ -49,9 +51,11 @@ def main() -> None:
             summary = templatize(cfg)
             seconds = time.perf_counter() - started
             size = out.stat().st_size / 2**20
+            rate = args.rows / seconds
             print(
                 f"--shots {shots:>3}: {summary['records']} records from {args.rows} rows in {seconds:.1f} s "
-                f"= {args.rows / seconds:,.0f} rows/s ({size:.0f} MiB written)"
+                f"= {rate:,.0f} rows/s ({size:.0f} MiB written); 100k rows at this rate: "
+                f"{100_000 / rate:.0f} s, goal <= {GOAL_SECONDS} s: {'met' if 100_000 / rate <= GOAL_SECONDS else 'NOT met'}"
             )
 
 

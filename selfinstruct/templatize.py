@@ -61,7 +61,7 @@ class TemplatizeConfig(Section):
     source: str | None = Field(
         None,
         description="labelled data: a CSV, JSON/JSONL or Parquet file, or a Hugging Face dataset name or "
-        "directory (loaded with `datasets`, offline from local files and its cache)",
+        "directory (a data directory or one written by save_to_disk; offline from local files and the cache)",
         json_schema_extra={"positional": True},
     )
     template: str | None = Field(
@@ -283,18 +283,32 @@ def _read_hf(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
     except ImportError:
         raise UserError(f"{name}: not a file; Hugging Face datasets need `pip install datasets`") from None
     datasets.disable_progress_bars()
+    path = Path(name).expanduser()
+    # `load_dataset` refuses what `save_to_disk` wrote: such a directory has its own loader
+    saved = any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+    if saved and subset:
+        raise UserError(f"{name}: --subset does not apply to a directory written by save_to_disk")
     try:
-        ds = datasets.load_dataset(name, name=subset, split=split)
+        ds = (
+            datasets.load_from_disk(str(path))
+            if saved
+            else datasets.load_dataset(name, name=subset, split=split)
+        )
     except Exception as e:  # offline misses, unknown splits, bad configs: all the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
             f"{name}: cannot load as a file or a Hugging Face dataset ({type(e).__name__}: {first})"
         ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{name}: no split '{split}' (splits: {', '.join(ds)})")
+        ds = ds[split]
     return ds.to_list()
 
 
 def read_rows(source: str, subset: str | None = None, split: str = "train") -> list[dict[str, Any]]:
-    """The rows of a CSV, JSON/JSONL or Parquet file, else of a Hugging Face dataset (name or directory)."""
+    """The rows of a CSV, JSON/JSONL or Parquet file, else of a Hugging Face dataset: a name (the hub, or its
+    cache offline), a data directory, or a directory written by `save_to_disk`."""
     path = Path(source).expanduser()
     if not path.exists() and path.suffix.lower() in (".csv", ".json", ".jsonl", ".parquet"):
         raise UserError(f"{source}: file not found")

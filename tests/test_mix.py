@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from selfinstruct import cli
 from selfinstruct.errors import UserError
-from selfinstruct.mix import MixConfig, allocate, mix, parse_source
+from selfinstruct.mix import MixConfig, Source, allocate, mix, mix_records, parse_source
+from selfinstruct.records import CorpusRecord
 from selfinstruct.seeds import load_corpus_any
 
 
@@ -49,6 +50,36 @@ def test_allocate_never_exceeds_availability_and_fills_the_total(sources, total)
     counts = allocate(total, weights, available)
     assert all(0 <= c <= n for c, n in zip(counts, available, strict=True))
     assert sum(counts) == min(total, sum(available))
+
+
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from("abcde"), st.integers(1, 30), min_size=1), min_size=1, max_size=4
+    ),
+    st.integers(1, 25),
+    st.booleans(),
+    st.integers(0, 3),
+)
+def test_mixture_never_exceeds_the_cap_nor_repeats_a_record(files, cap, weighted, seed):
+    sources = [
+        Source(
+            f"f{n}.jsonl",
+            float(n + 1) if weighted else None,
+            [CorpusRecord(f"{n}/{t}/{i}", "", "x", {"task": t}) for t, k in tasks.items() for i in range(k)],
+        )
+        for n, tasks in enumerate(files)
+    ]
+    mixture, rows = mix_records(sources, total=None, cap_per_task=cap, seed=seed)
+    assert max(Counter(r.meta["task"] for r in mixture).values(), default=0) <= cap
+    assert len({r.instruction for r in mixture}) == len(mixture) == sum(row["taken"] for row in rows)
+    assert all(r.instruction.startswith(r.meta["source"][1:].removesuffix(".jsonl") + "/") for r in mixture)
+    again, _ = mix_records(sources, total=None, cap_per_task=cap, seed=seed)
+    assert again == mixture
+    available = sum(row["after_cap"] for row in rows)
+    for total in sorted({1, available // 2, available} - {0}):
+        mixture, _ = mix_records(sources, total=total, cap_per_task=cap, seed=seed)
+        assert len(mixture) == total
+        assert max(Counter(r.meta["task"] for r in mixture).values()) <= cap
 
 
 def test_parse_source():

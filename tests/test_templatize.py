@@ -142,6 +142,33 @@ def test_few_shot_examples_come_from_other_rows(tmp_path: Path):
         assert all(f"sky number {r.meta['source_row']}\n" not in b for b in blocks[:-1])
 
 
+def test_answer_choices_from_a_column_and_the_options_share(tmp_path: Path):
+    spec = _spec(
+        tmp_path, GOLDEN_YAML.replace("answer_choices: [dry, wet]", "answer_choices: {column: choices}")
+    )
+    rows = [
+        {"sky": f"s{i}", "label": i % 3, "choices": ["sun", "rain", "snow"][: 2 + i % 2 + 1]}
+        for i in range(400)
+    ]
+    rows = [r for r in rows if r["label"] < len(r["choices"])]
+    records = templatize_rows(spec, rows, options_ratio=0.25, seed=2)
+    for r in records:
+        choices = rows[r.meta["source_row"]]["choices"]
+        assert r.output == choices[rows[r.meta["source_row"]]["label"]]
+        if r.meta["options"]:
+            assert r.instruction.endswith("OPTIONS:" + "".join(f"\n- {c}" for c in choices))
+        else:
+            assert "OPTIONS:" not in r.instruction
+    share = sum(r.meta["options"] for r in records) / len(records)
+    assert 0.18 < share < 0.32
+    with pytest.raises(
+        UserError, match=r"answer_choices column 'choices' not in source \(available columns: label, sky\)"
+    ):
+        templatize_rows(spec, ROWS)
+    with pytest.raises(UserError, match="row 0: answer_choices column 'choices' must hold a non-empty list"):
+        templatize_rows(spec, [{"sky": "x", "label": 0, "choices": []}])
+
+
 # ---------------------------------------------------------------- shipped templates
 
 
@@ -241,6 +268,61 @@ def test_csv_parquet_and_hf_directory_give_the_same_records(tmp_path: Path):
     assert len(set(outs)) == 1
 
 
+def test_hugging_face_sources_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A data directory with named configs and splits (--subset/--split), the same dataset by its hub name from
+    the datasets cache with no network, and directories written by save_to_disk: all give the JSONL's records."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    reference = tmp_path / "reference.jsonl"
+    jsonl = EXAMPLES / "sentiment.jsonl"
+    run_args = ["--template", "sentiment", "--shots", "0-2", "--seed", "5"]
+    assert cli.run(["templatize", str(jsonl), *run_args, "--out", str(reference)]) == 0
+    rows = read_rows(str(jsonl))
+
+    repo = tmp_path / "hub" / "reviews"  # laid out like a script-free hub repository
+    for config, split, data in (
+        ("full", "validation", rows),
+        ("full", "train", rows[:3]),
+        ("tiny", "train", rows[:1]),
+    ):
+        (repo / config).mkdir(parents=True, exist_ok=True)
+        (repo / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: full\n  data_files:\n  - {split: train, path: full/train.jsonl}\n"
+        "  - {split: validation, path: full/validation.jsonl}\n"
+        "- config_name: tiny\n  data_files:\n  - {split: train, path: tiny/train.jsonl}\n---\n"
+    )
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
+    hf_args = ["--subset", "full", "--split", "validation"]
+    sources = [
+        [str(repo), *hf_args],
+        [str(tmp_path / "saved")],
+        [str(tmp_path / "saved_dict"), "--split", "validation"],
+    ]
+    for n, source in enumerate(sources):
+        out = tmp_path / f"hf-{n}.jsonl"
+        assert cli.run(["templatize", *source, *run_args, "--out", str(out)]) == 0
+        assert out.read_bytes() == reference.read_bytes(), source
+    assert len(read_rows(str(repo), "tiny", "train")) == 1
+
+    # the hub name, offline: `load_dataset` finds what a download left in the cache under OWNER___NAME
+    (tmp_path / "cache" / "reviews").rename(tmp_path / "cache" / "toyorg___reviews")
+    out = tmp_path / "hf-cache.jsonl"
+    assert cli.run(["templatize", "toyorg/reviews", *hf_args, *run_args, "--out", str(out)]) == 0
+    assert out.read_bytes() == reference.read_bytes()
+
+    with pytest.raises(UserError, match=r"saved_dict: no split 'train' \(splits: validation\)"):
+        read_rows(str(tmp_path / "saved_dict"))
+    with pytest.raises(UserError, match=r"reviews: cannot load .*test"):
+        read_rows(str(repo), "full", "test")
+
+
 def test_unknown_hf_dataset_offline_and_missing_files_are_user_errors(tmp_path: Path):
     with pytest.raises(UserError, match="no-such-owner/no-such-dataset: cannot load"):
         read_rows("no-such-owner/no-such-dataset")
@@ -282,10 +364,13 @@ def test_target_outside_answer_choices_names_the_row(tmp_path: Path):
 
 
 def test_empty_rendering_names_the_template(tmp_path: Path):
-    spec = _spec(tmp_path)
+    bare = _spec(tmp_path, GOLDEN_YAML.replace("Sky: {{ sky }}\n      Will it rain?", "{{ sky }}"))
     with pytest.raises(UserError, match=r"row 0: template 'sky': renders an empty prompt"):
-        templatize_rows(_spec(tmp_path, GOLDEN_YAML.replace("Sky: {{ sky }}\n      Will it rain?", "{{ sky }}")), [{"sky": " ", "label": 0}])  # fmt: skip
-    assert spec.templates[0].id == "sky"
+        templatize_rows(bare, [{"sky": " ", "label": 0}])
+    free_text = GOLDEN_YAML.replace("{{ answer_choices[label] }}", "{{ answer }}")
+    free_text = _spec(tmp_path, free_text.replace("answer_choices: [dry, wet]\n", ""))
+    with pytest.raises(UserError, match=r"row 1: template 'sky': renders an empty target"):
+        templatize_rows(free_text, [{"sky": "a", "answer": "b"}, {"sky": "c", "answer": None}])
 
 
 @pytest.mark.parametrize(
@@ -304,20 +389,39 @@ def test_bad_template_files(tmp_path: Path, yaml_text: str, message: str):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path: Path):
-    template = _write(tmp_path / "t.yaml", GOLDEN_YAML.replace("{{ sky }}", "{{ skies }}"))
+    """The three template errors of the issue (unknown column, target outside answer_choices, empty rendering)
+    and bad flags, through the real command: exit code 2, one line on stderr, nothing written or lost."""
+    unknown_column = _write(tmp_path / "t.yaml", GOLDEN_YAML.replace("{{ sky }}", "{{ skies }}"))
+    raw_target = _write(
+        tmp_path / "raw.yaml", GOLDEN_YAML.replace("{{ answer_choices[label] }}", "{{ label }}")
+    )
+    bare = _write(
+        tmp_path / "bare.yaml", GOLDEN_YAML.replace("Sky: {{ sky }}\n      Will it rain?", "{{ sky }}")
+    )
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    snowy = tmp_path / "snowy.jsonl"
+    snowy.write_text(
+        "".join(json.dumps(r) + "\n" for r in [{"sky": "a", "label": "wet"}, {"sky": "b", "label": "snowy"}])
+    )
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps(r) + "\n" for r in [ROWS[0], {"sky": "  ", "label": 0}]))
     out = tmp_path / "out.jsonl"
     out.write_text("keep me\n")
+    new_out = str(tmp_path / "o.jsonl")
     cases = [
-        (["--template", str(template), "--out", str(tmp_path / "o.jsonl")], "unknown column 'skies'"),
-        (["--template", "sentiment", "--out", str(out)], "already exists"),
-        (["--template", "nope", "--out", str(tmp_path / "o.jsonl")], "not a shipped template"),
-        (["--template", "sentiment", "--shots", "3-1", "--out", str(tmp_path / "o.jsonl")], "shots"),
-    ]
-    for args, message in cases:
+        (data, ["--template", str(unknown_column), "--out", new_out],
+         "template 'sky' uses unknown column 'skies' (available columns: label, sky;"),
+        (snowy, ["--template", str(raw_target), "--out", new_out],
+         "row 1: template 'sky': target 'snowy' is not one of answer_choices (dry, wet)"),
+        (blank, ["--template", str(bare), "--out", new_out], "row 1: template 'sky': renders an empty prompt"),
+        (data, ["--template", "sentiment", "--out", str(out)], "already exists"),
+        (data, ["--template", "nope", "--out", new_out], "not a shipped template"),
+        (data, ["--template", "sentiment", "--shots", "3-1", "--out", new_out], "shots"),
+    ]  # fmt: skip
+    for source, args, message in cases:
         done = subprocess.run(
-            [sys.executable, "-m", "selfinstruct.cli", "templatize", str(data), *args],
+            [sys.executable, "-m", "selfinstruct.cli", "templatize", str(source), *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -325,5 +429,6 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path):
         assert done.returncode == 2, done.stderr
         assert message in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "Traceback" not in done.stderr
     assert out.read_text() == "keep me\n"
     assert not (tmp_path / "o.jsonl").exists()
