@@ -228,6 +228,38 @@ def test_item4_invalid_instances_go_before_the_conflict_check():
     dropped.clear()
     conflict = [Instance("x", "a b"), Instance("x", "c d"), Instance("", "e")]
     assert clean_instances(conflict, 5, dropped) == [] and dropped == Counter(conflicting_outputs=3)
+    dropped.clear()
+    assert clean_instances(conflict, 5, dropped, rules=False) == conflict and not dropped
+
+
+ALPACA_ANSWER = (  # a base model continuing "4. Instruction:": three tasks the reference Alpaca would keep
+    " List the steps for repotting a small houseplant.\n4. Input:\n<noinput>\n4. Output:\nThe steps are:\n###\n"
+    "5. Instruction: Repeat the given sentence back word for word.\n5. Input:\nThe cat sat.\n5. Output:\n"
+    "The cat sat.\n###\n"
+    "6. Instruction: Suggest a title for a short story about a lighthouse keeper.\n6. Input:\n<noinput>\n"
+    "6. Output:\nThe Last Light\n###\n"
+)
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_item4_alpaca_pipeline_instance_rules_are_a_flag(seeds, tmp_path, capsys, rules):
+    """The Alpaca pipeline applies the Self-Instruct instance rules (a documented deviation);
+    `--no-instance-rules` keeps every task, as the reference Alpaca does."""
+    out = tmp_path / "run"
+    with FakeOpenAI(responder=lambda request: Reply(text=ALPACA_ANSWER)) as server:
+        code, _, err = run_main(
+            capsys, "generate", seeds, "--out", out, "--pipeline", "alpaca", "--api", "completions",
+            "--model", server.models[0], "--base-url", server.url, "--api-key-env", "", "--num-instructions", 3,
+            *([] if rules else ["--no-instance-rules"]),
+        )  # fmt: skip
+    assert code == 0, err
+    outputs = [r["output"] for r in lines(out / "corpus.jsonl")]
+    dropped = json.loads((out / "summary.json").read_text())["stages"]["finetune"]["instances_dropped"]
+    if rules:
+        assert outputs == ["The Last Light"]
+        assert dropped == {"ends_with_colon": 1, "input_equals_output": 1}
+    else:
+        assert outputs == ["The steps are:", "The cat sat.", "The Last Light"] and dropped == {}
 
 
 # ---------------------------------------------------------------- 5. user text is never rich markup
