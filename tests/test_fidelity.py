@@ -295,6 +295,32 @@ def test_item5_progress_and_summary_lines_keep_bracketed_text(seeds, tmp_path, c
     assert "[data]/c.jsonl ->" in out and "blacklisted:a[b]c" in out
 
 
+def test_item5_other_commands_print_user_text_verbatim(seeds, tmp_path, capsys, monkeypatch):
+    """evolve's summary, mix's table and plan's title quote paths and model names: never read as markup."""
+    from rich.console import Console
+
+    from selfinstruct.evolve import EvolveConfig, run_evolve
+    from selfinstruct.generate import GenerateConfig
+    from selfinstruct.plan import PlanConfig, run_plan
+
+    (tmp_path / "[data]").mkdir()
+    corpus = jsonl(tmp_path / "[data]" / "c.jsonl", [{"instruction": "Name a colour.", "output": "Blue"}])
+    teacher = TeacherConfig(model="team[x]/m", base_url=["http://127.0.0.1:9/v1"], api_key_env="")
+    evolve_log = tmp_path / "evolve.txt"
+    with evolve_log.open("w") as log:  # no rounds: the summary is printed without a teacher
+        cfg = EvolveConfig(input=str(corpus), out=str(tmp_path / "[evolved]"), rounds=0, teacher=teacher)
+        assert run_evolve(cfg, console=Console(file=log, width=300)) == 0
+    assert f"{tmp_path / '[evolved]' / 'corpus.jsonl'}" in evolve_log.read_text()
+
+    monkeypatch.chdir(tmp_path)  # a short relative path fits the table's cell
+    code, out, err = run_main(capsys, "mix", "[data]/c.jsonl:1", "--out", "mixed.jsonl")
+    assert code == 0, err
+    assert "│ [data]/c.jsonl │" in out
+
+    run_plan(PlanConfig(sample=2), "generate", GenerateConfig(seeds=str(seeds), teacher=teacher))
+    assert "with team[x]/m" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- 6. shown instructions are normalised
 
 
