@@ -552,3 +552,24 @@ def test_reference_schema_seeds_run_through_every_command(tiny_model_dir, tmp_pa
     assert code == 0, err
     stats = json.loads((tmp_path / "report" / "stats.json").read_text())
     assert stats["rouge_to_seeds"]["available"] and stats["counts"]["seed_instructions"] == len(raw)
+
+    # the seed file itself is an input of filter, split, train and stats as well
+    code, _, err = run_main(capsys, "filter", seeds, "--out", tmp_path / "seeds-filtered")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "seeds-filtered" / "summary.json").read_text())
+    assert summary["records"] == len(raw) and summary["kept"] + summary["rejected"] == len(raw)
+    code, _, err = run_main(
+        capsys, "split", seeds, "--out", tmp_path / "seeds-split", "--holdout-fraction", 0.25
+    )
+    assert code == 0, err
+    halves = [lines(tmp_path / "seeds-split" / f"{name}.jsonl") for name in ("train", "heldout")]
+    assert all(halves) and sum(map(len, halves)) == len(raw)
+    code, _, err = run_main(
+        capsys, "train", "--data", seeds, "--model", tiny_model_dir, "--out", tmp_path / "seeds-tuned",
+        "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_main(capsys, "stats", seeds, "--seeds", seeds, "--out", tmp_path / "seeds-report")
+    assert code == 0, err
+    stats = json.loads((tmp_path / "seeds-report" / "stats.json").read_text())
+    assert stats["rouge_to_seeds"]["mean"] == 1.0  # every instruction is its own nearest seed
