@@ -38,6 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from rapidfuzz.distance import LCSseq
 from rich.console import Console
+from rich.text import Text
 
 from selfinstruct.config import Section, save_config
 from selfinstruct.errors import UserError
@@ -729,29 +730,34 @@ class EvolveMonitor(Monitor):
         }
 
     def print_final(self, summary: dict[str, Any], run: RunDir) -> None:
-        c = self.console
-        c.print()
+        """The closing summary; paths and reasons (a blacklist word) are printed as plain text, never as markup."""
+
+        def line(text: str) -> None:
+            self.console.print(text, markup=False, highlight=False)
+
         status = "finished" if summary["finished"] else f"stopped ({summary['stop_reason'] or 'incomplete'})"
-        c.print(f"[bold]evolve {status}[/]: {summary['records']} records, {summary['rounds']} rounds")
+        self.console.print()
+        self.console.print(
+            Text.assemble(
+                (f"evolve {status}", "bold"), f": {summary['records']} records, {summary['rounds']} rounds"
+            )
+        )
         for round_, r in summary["by_round"].items():
             ops = ", ".join(f"{op} {o['survived']}/{o['attempts']}" for op, o in r["by_op"].items())
-            c.print(
-                f"  round {round_:<7} {r['survived']} / {r['attempts']} survived ({ops})", highlight=False
-            )
+            line(f"  round {round_:<7} {r['survived']} / {r['attempts']} survived ({ops})")
         if summary["rejected_by_reason"]:
-            reasons = ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items())
-            c.print(f"  rejected      {reasons}", highlight=False)
-        c.print(
+            line("  rejected      " + ", ".join(f"{r} {n}" for r, n in summary["rejected_by_reason"].items()))
+        line(
             f"  teacher       {summary['requests']} requests ({summary['failed_requests']} failed, "
             f"{summary['retries']} retries), {summary['prompt_tokens'] + summary['completion_tokens']:,} tokens, "
             f"${summary['cost']:.4f}, {summary['elapsed_s']:.1f} s"
         )
-        c.print(f"  corpus        {summary['corpus_records']} records")
+        line(f"  corpus        {summary['corpus_records']} records")
         for name in (EVOLVED, REJECTED, CORPUS, SUMMARY):
             if (run / name).exists():
-                c.print(f"  {name:<20} {run / name}", highlight=False)
+                line(f"  {name:<20} {run / name}")
         if not summary["finished"]:
-            c.print("  rerun the same command to continue")
+            line("  rerun the same command to continue")
 
 
 # ---------------------------------------------------------------- the command

@@ -115,6 +115,12 @@ class GenerateConfig(_StageDecoding):
         True,
         description="finetune: drop instances whose input or output loops on itself (not a reference rule)",
     )
+    instance_rules: bool = Field(
+        True,
+        description="finetune: apply the reference Self-Instruct instance rules (drop instances with an empty "
+        "output, input = output or a ':' ending, then tasks whose instances disagree on one input); "
+        "--no-instance-rules keeps them, as the reference Alpaca does",
+    )
     # budget and stopping
     max_requests: int | None = optional(
         "stop after this many teacher requests (whole run, all sessions)", ge=1

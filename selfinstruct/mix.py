@@ -199,6 +199,6 @@ def run_mix(cfg: MixConfig) -> int:
             str(r["taken"]),
             f"{r['share']:.3f}",
         )
-    Console(highlight=False).print(table)
+    Console(highlight=False, markup=False).print(table)  # source paths are user text, not markup
     print(f"wrote {summary['records']} records to {summary['out']}")
     return 0

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import Field
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from selfinstruct.config import Section, add_arguments, optional, resolve
 from selfinstruct.errors import UserError
@@ -511,7 +512,7 @@ def print_plan(plan: dict[str, Any], console: Console) -> None:
     title = f"plan: {plan['command']} with {plan['model']}" + (
         " (Batch API prices)" if plan["batch_api"] else ""
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")  # the model name is user text, not markup
     for col in ("stage", "requests", "prompt tok", "completion tok", "cost low / expected / high", "time"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for r in plan["stages"]:

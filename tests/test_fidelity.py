@@ -228,6 +228,38 @@ def test_item4_invalid_instances_go_before_the_conflict_check():
     dropped.clear()
     conflict = [Instance("x", "a b"), Instance("x", "c d"), Instance("", "e")]
     assert clean_instances(conflict, 5, dropped) == [] and dropped == Counter(conflicting_outputs=3)
+    dropped.clear()
+    assert clean_instances(conflict, 5, dropped, rules=False) == conflict and not dropped
+
+
+ALPACA_ANSWER = (  # a base model continuing "4. Instruction:": three tasks the reference Alpaca would keep
+    " List the steps for repotting a small houseplant.\n4. Input:\n<noinput>\n4. Output:\nThe steps are:\n###\n"
+    "5. Instruction: Repeat the given sentence back word for word.\n5. Input:\nThe cat sat.\n5. Output:\n"
+    "The cat sat.\n###\n"
+    "6. Instruction: Suggest a title for a short story about a lighthouse keeper.\n6. Input:\n<noinput>\n"
+    "6. Output:\nThe Last Light\n###\n"
+)
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_item4_alpaca_pipeline_instance_rules_are_a_flag(seeds, tmp_path, capsys, rules):
+    """The Alpaca pipeline applies the Self-Instruct instance rules (a documented deviation);
+    `--no-instance-rules` keeps every task, as the reference Alpaca does."""
+    out = tmp_path / "run"
+    with FakeOpenAI(responder=lambda request: Reply(text=ALPACA_ANSWER)) as server:
+        code, _, err = run_main(
+            capsys, "generate", seeds, "--out", out, "--pipeline", "alpaca", "--api", "completions",
+            "--model", server.models[0], "--base-url", server.url, "--api-key-env", "", "--num-instructions", 3,
+            *([] if rules else ["--no-instance-rules"]),
+        )  # fmt: skip
+    assert code == 0, err
+    outputs = [r["output"] for r in lines(out / "corpus.jsonl")]
+    dropped = json.loads((out / "summary.json").read_text())["stages"]["finetune"]["instances_dropped"]
+    if rules:
+        assert outputs == ["The Last Light"]
+        assert dropped == {"ends_with_colon": 1, "input_equals_output": 1}
+    else:
+        assert outputs == ["The steps are:", "The cat sat.", "The Last Light"] and dropped == {}
 
 
 # ---------------------------------------------------------------- 5. user text is never rich markup
@@ -261,6 +293,32 @@ def test_item5_progress_and_summary_lines_keep_bracketed_text(seeds, tmp_path, c
     code, out, err = run_main(capsys, "filter", corpus, "--out", tmp_path / "f", "--extra-blacklist", "a[b]c")
     assert code == 0, err
     assert "[data]/c.jsonl ->" in out and "blacklisted:a[b]c" in out
+
+
+def test_item5_other_commands_print_user_text_verbatim(seeds, tmp_path, capsys, monkeypatch):
+    """evolve's summary, mix's table and plan's title quote paths and model names: never read as markup."""
+    from rich.console import Console
+
+    from selfinstruct.evolve import EvolveConfig, run_evolve
+    from selfinstruct.generate import GenerateConfig
+    from selfinstruct.plan import PlanConfig, run_plan
+
+    (tmp_path / "[data]").mkdir()
+    corpus = jsonl(tmp_path / "[data]" / "c.jsonl", [{"instruction": "Name a colour.", "output": "Blue"}])
+    teacher = TeacherConfig(model="team[x]/m", base_url=["http://127.0.0.1:9/v1"], api_key_env="")
+    evolve_log = tmp_path / "evolve.txt"
+    with evolve_log.open("w") as log:  # no rounds: the summary is printed without a teacher
+        cfg = EvolveConfig(input=str(corpus), out=str(tmp_path / "[evolved]"), rounds=0, teacher=teacher)
+        assert run_evolve(cfg, console=Console(file=log, width=300)) == 0
+    assert f"{tmp_path / '[evolved]' / 'corpus.jsonl'}" in evolve_log.read_text()
+
+    monkeypatch.chdir(tmp_path)  # a short relative path fits the table's cell
+    code, out, err = run_main(capsys, "mix", "[data]/c.jsonl:1", "--out", "mixed.jsonl")
+    assert code == 0, err
+    assert "│ [data]/c.jsonl │" in out
+
+    run_plan(PlanConfig(sample=2), "generate", GenerateConfig(seeds=str(seeds), teacher=teacher))
+    assert "with team[x]/m" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- 6. shown instructions are normalised
@@ -494,3 +552,24 @@ def test_reference_schema_seeds_run_through_every_command(tiny_model_dir, tmp_pa
     assert code == 0, err
     stats = json.loads((tmp_path / "report" / "stats.json").read_text())
     assert stats["rouge_to_seeds"]["available"] and stats["counts"]["seed_instructions"] == len(raw)
+
+    # the seed file itself is an input of filter, split, train and stats as well
+    code, _, err = run_main(capsys, "filter", seeds, "--out", tmp_path / "seeds-filtered")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "seeds-filtered" / "summary.json").read_text())
+    assert summary["records"] == len(raw) and summary["kept"] + summary["rejected"] == len(raw)
+    code, _, err = run_main(
+        capsys, "split", seeds, "--out", tmp_path / "seeds-split", "--holdout-fraction", 0.25
+    )
+    assert code == 0, err
+    halves = [lines(tmp_path / "seeds-split" / f"{name}.jsonl") for name in ("train", "heldout")]
+    assert all(halves) and sum(map(len, halves)) == len(raw)
+    code, _, err = run_main(
+        capsys, "train", "--data", seeds, "--model", tiny_model_dir, "--out", tmp_path / "seeds-tuned",
+        "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_main(capsys, "stats", seeds, "--seeds", seeds, "--out", tmp_path / "seeds-report")
+    assert code == 0, err
+    stats = json.loads((tmp_path / "seeds-report" / "stats.json").read_text())
+    assert stats["rouge_to_seeds"]["mean"] == 1.0  # every instruction is its own nearest seed

@@ -7,11 +7,12 @@ kept record itself (Alpaca: each task carries its one instance).
 The reference's finetune-preparation rules, in its order: an instance is dropped when its output is empty, its
 input equals its output, or its input or output ends with ":" (usually a cut-off generation); then a task whose
 remaining instances share a non-empty input but disagree on the output is dropped whole; duplicates are
-removed; at most `max_instances` per task. The Alpaca pipeline's tasks (one instance each) pass the same rules.
-One rule of ours comes on top (`--no-drop-repetitive` turns it off): an instance whose input or output loops on
-itself (`repetitive`), what a small teacher decoding greedily often writes; it counts as invalid. The corpus is
-rebuilt from the run's files every time (it is cheap and makes the stage trivially resumable) and replaced
-atomically, so a reader never sees half a corpus.
+removed; at most `max_instances` per task. The Alpaca pipeline's tasks (one instance each) pass the same rules:
+a deviation, since the reference Alpaca applies none, that `--no-instance-rules` undoes. One rule of ours comes
+on top (`--no-drop-repetitive` turns it off): an instance whose input or output loops on itself (`repetitive`),
+what a small teacher decoding greedily often writes; it counts as invalid. The corpus is rebuilt from the run's
+files every time (it is cheap and makes the stage trivially resumable) and replaced atomically, so a reader
+never sees half a corpus.
 """
 
 from __future__ import annotations
@@ -27,30 +28,43 @@ from selfinstruct.rundir import CLASSIFICATION, CORPUS, INSTANCES, INSTRUCTIONS
 from selfinstruct.store import atomic_write_text
 
 
+def _invalid(inp: str, out: str) -> str | None:
+    """The reference's reason to drop one instance, or None."""
+    if not out:
+        return "empty_output"
+    if inp == out:
+        return "input_equals_output"
+    if inp.endswith(":") or out.endswith(":"):
+        return "ends_with_colon"
+    return None
+
+
 def clean_instances(
-    instances: list[Instance], limit: int, dropped: Counter[str], repetitive: Repetitive | None = None
+    instances: list[Instance],
+    limit: int,
+    dropped: Counter[str],
+    repetitive: Repetitive | None = None,
+    rules: bool = True,
 ) -> list[Instance]:
     """The reference's rules, in its order: drop invalid instances first (with `repetitive`, when given, among
     the invalid), then drop the whole task if two of the rest share an input but disagree on the output, then
-    dedupe. Returns [] when the whole task must go; reasons are counted in `dropped`."""
+    dedupe. `rules=False` skips the reference's two rules (not `repetitive`, deduplication or the limit).
+    Returns [] when the whole task must go; reasons are counted in `dropped`."""
     valid: list[Instance] = []
     for inst in instances:
         inp, out = inst.input.strip(), inst.output.strip()
-        if not out:
-            dropped["empty_output"] += 1
-        elif inp == out:
-            dropped["input_equals_output"] += 1
-        elif inp.endswith(":") or out.endswith(":"):
-            dropped["ends_with_colon"] += 1
-        elif repetitive is not None and (repetitive(inp) or repetitive(out)):
-            dropped["repetitive"] += 1
+        reason = _invalid(inp, out) if rules else None
+        if reason is None and repetitive is not None and (repetitive(inp) or repetitive(out)):
+            reason = "repetitive"
+        if reason:
+            dropped[reason] += 1
         else:
             valid.append(Instance(inp, out))
     outputs_by_input: dict[str, set[str]] = {}
     for inst in valid:
         if inst.input:
             outputs_by_input.setdefault(inst.input, set()).add(inst.output)
-    if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
+    if rules and any(len(outputs) > 1 for outputs in outputs_by_input.values()):
         dropped["conflicting_outputs"] += len(valid)
         return []
     kept: list[Instance] = []
@@ -89,7 +103,11 @@ async def run(ctx: RunContext) -> None:
             raw = rec["instances"]
         label = labels.get(rec_id, {}).get("is_classification", rec.get("is_classification"))
         instances = clean_instances(
-            [Instance(i["input"], i["output"]) for i in raw], cfg.max_instances, dropped, repetitive
+            [Instance(i["input"], i["output"]) for i in raw],
+            cfg.max_instances,
+            dropped,
+            repetitive,
+            cfg.instance_rules,
         )
         if not instances:
             tasks_dropped += 1
