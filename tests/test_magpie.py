@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.export import ExportConfig, run_export
 from selfinstruct.magpie import (
     ChatFormat,
     MagpieConfig,
@@ -18,6 +20,7 @@ from selfinstruct.magpie import (
     render_pre_query,
     run_magpie,
 )
+from selfinstruct.report import StatsConfig, stats_report
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply
@@ -285,10 +288,12 @@ def test_turns_continue_each_conversation(tmp_path: Path, chatml_dir: Path):
         ]
         corpus = list(read_jsonl(tmp_path / "corpus.jsonl"))
         assert len(corpus) == 4
-        for rec in corpus:
-            conv = rec["meta"]["conversation"]
-            assert [m["role"] for m in conv] == ["user", "assistant"] * 3
-            assert conv[0] == {"role": "user", "content": rec["instruction"]}
+        kept = {k["id"]: k["instruction"] for k in read_jsonl(tmp_path / "instructions.jsonl")}
+        for rec in corpus:  # chat records, as converse writes them: every exchange in `messages`
+            conv = rec["messages"]
+            assert set(rec) == {"messages", "meta"} and "conversation" not in rec["meta"]
+            assert [m["role"] for m in conv] == ["user", "assistant"] * 3 and rec["meta"]["turns"] == 3
+            assert conv[0] == {"role": "user", "content": kept[rec["meta"]["task_id"]]}
             history = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv[:4])
             assert history + "<|im_start|>user\n" in prompts  # the third query's prompt
             assert (
@@ -301,6 +306,14 @@ def test_turns_continue_each_conversation(tmp_path: Path, chatml_dir: Path):
         before = len(server.completions())
         assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=4, turns=3)) == 0
         assert all(r.json["max_tokens"] == 1 for r in server.completions()[before:])
+    # export, train and stats read every turn, not only the first exchange
+    assert run_export(ExportConfig(source=str(tmp_path), format="messages", out=str(tmp_path / "x.jsonl"))) == 0
+    exported = list(read_jsonl(tmp_path / "x.jsonl"))
+    assert [row["messages"] for row in exported] == [rec["messages"] for rec in corpus]
+    assert [r.turns for r in load_corpus_any(tmp_path / "corpus.jsonl")] == [3] * 4
+    stats, _ = stats_report(StatsConfig(path=str(tmp_path), out=str(tmp_path / "r"), parser="heuristic"))
+    assert stats["conversations"]["multi_turn"] == 4
+    assert stats["conversations"]["user_turn"]["count"] == 12
 
 
 def test_sigterm_stops_magpie_gently_with_exit_143(tmp_path: Path, chatml_dir: Path):
