@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from selfinstruct import cli
 from selfinstruct.corpus import load_corpus_any
@@ -18,6 +20,7 @@ from selfinstruct.magpie import (
     ChatFormat,
     MagpieConfig,
     end_of_turn,
+    load_system_prompts,
     load_tokenizer,
     render_pre_query,
     run_magpie,
@@ -248,6 +251,27 @@ def test_budget_stops_before_answering(tmp_path: Path, chatml_dir: Path):
     assert 0 < summary["kept"] < 500 and summary["corpus_records"] == 0
 
 
+def test_patience_stops_a_model_that_repeats_itself(tmp_path: Path, chatml_dir: Path):
+    same = "Suggest a name for a cat that loves to sleep in cardboard boxes."
+    with FakeOpenAI(lambda request: [same] * request.get("n", 1)) as server:
+        cfg = _cfg(server, tmp_path, chatml_dir, num_instructions=50, patience=10, concurrency=2)
+        assert run_magpie(cfg) == 0
+        assert len(server.completions("/v1/completions")) < 20
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"]["query"]["stopped"] == "no_progress" and summary["kept"] == 1
+    assert summary["rejected_by_reason"]["duplicate"] >= 10 and not summary["finished"]
+
+
+def test_progress_shows_each_stage(tmp_path: Path, chatml_dir: Path):
+    """The live display of generate, with magpie's stages (a terminal console, as a user sees it)."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=160, record=True)
+    with FakeOpenAI(MagpieResponder()) as server:
+        assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=6), console=console) == 0
+    shown = console.export_text()
+    assert "query (kept)" in shown and "6/6" in shown and "answer (answered)" in shown
+    assert "magpie finished: fake-model" in shown and "corpus        6 records" in shown
+
+
 def test_system_prompts_steer_queries_and_answers(tmp_path: Path, chatml_dir: Path):
     prompts = ["You ask about cooking.", "You ask about astronomy."]
     (tmp_path / "systems.json").write_text(json.dumps(prompts))
@@ -268,6 +292,17 @@ def test_system_prompts_steer_queries_and_answers(tmp_path: Path, chatml_dir: Pa
         assert system in prompts
         turn = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{rec['instruction']}<|im_end|>"
         assert any(r.startswith(turn) for r in requests)
+
+
+def test_system_prompt_file_one_per_line_or_json(tmp_path: Path):
+    (tmp_path / "domains.txt").write_text("You ask about cooking.\n\n  You ask about law.  \n")
+    assert load_system_prompts(str(tmp_path / "domains.txt")) == [
+        "You ask about cooking.",
+        "You ask about law.",
+    ]
+    (tmp_path / "bad.json").write_text('["ok", 3]')
+    with pytest.raises(InputFileError, match=r"bad\.json: a JSON file must hold a list of non-empty strings"):
+        load_system_prompts(str(tmp_path / "bad.json"))
 
 
 def test_bad_settings_are_one_line_errors(tmp_path: Path, chatml_dir: Path):
