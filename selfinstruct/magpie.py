@@ -17,7 +17,8 @@ The stages run over one run directory, all resumable from its append-only files:
   An empty, cut-off or looping answer is recorded as rejected and leaves its query out of the corpus.
 * `followup` (only with `--turns` > 1): further exchanges of each answered conversation (`FollowUps`).
 
-`corpus.jsonl` (Alpaca fields, `meta.source = "magpie"`) is rebuilt from those files at the end of each session.
+`corpus.jsonl` (Alpaca fields; `messages` for a conversation of several exchanges; `meta.source = "magpie"`) is
+rebuilt from those files at the end of each session.
 
 Templates with a built-in default system turn (SmolLM2, Qwen2) render it in the pre-query when no system
 prompt is given: the model was aligned with that turn in front of every conversation, so it is part of "the
