@@ -60,6 +60,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_templatize.py
 	$(PY) benchmarks/bench_dedup.py
+	$(PY) benchmarks/bench_magpie.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

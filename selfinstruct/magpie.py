@@ -17,7 +17,8 @@ The stages run over one run directory, all resumable from its append-only files:
   An empty, cut-off or looping answer is recorded as rejected and leaves its query out of the corpus.
 * `followup` (only with `--turns` > 1): further exchanges of each answered conversation (`FollowUps`).
 
-`corpus.jsonl` (Alpaca fields, `meta.source = "magpie"`) is rebuilt from those files at the end of each session.
+`corpus.jsonl` (Alpaca fields; `messages` for a conversation of several exchanges; `meta.source = "magpie"`) is
+rebuilt from those files at the end of each session.
 
 Templates with a built-in default system turn (SmolLM2, Qwen2) render it in the pre-query when no system
 prompt is given: the model was aligned with that turn in front of every conversation, so it is part of "the
@@ -450,7 +451,10 @@ class FollowUps:
 def write_corpus(run: RunDir) -> int:
     """Rebuild corpus.jsonl from the kept queries and their accepted answers; returns the record count.
 
-    The Alpaca fields hold the first exchange; with `--turns` > 1 `meta.conversation` holds the whole one."""
+    A one-exchange conversation is an Alpaca record. One that went on (`--turns` > 1) is a chat record, as
+    `converse` writes them: `messages` holds every exchange (a trailing unanswered user turn left out), so
+    `export`, `train` and `stats` see all turns. The steering system prompt stays in `meta.system_prompt` in
+    both shapes: it chose the topic, it is not part of the conversation to learn."""
     answers = read_keyed(run, ANSWERS)
     later: dict[str, list[dict[str, str]]] = {}
     for step in read_jsonl(run / FOLLOWUPS):
@@ -467,14 +471,16 @@ def write_corpus(run: RunDir) -> int:
                 "system_prompt": rec["meta"].get("system_prompt"),
                 "teacher_model": rec["meta"].get("teacher_model"),
             }
-            if rec_id in later:  # the whole conversation; a trailing unanswered user turn is left out
-                turns = later[rec_id][: len(later[rec_id]) // 2 * 2]
+            steps = later.get(rec_id, [])
+            turns, messages = steps[: len(steps) // 2 * 2], None
+            if turns:
                 first = [
                     {"role": "user", "content": rec["instruction"]},
                     {"role": "assistant", "content": output},
                 ]
-                meta["conversation"] = first + turns
-            records.append(CorpusRecord(rec["instruction"], "", output, meta))
+                messages = first + turns
+                meta["turns"] = len(messages) // 2
+            records.append(CorpusRecord(rec["instruction"], "", output, meta, messages))
     text = "".join(json.dumps(r.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
     atomic_write_text(run / CORPUS, text)
     return len(records)

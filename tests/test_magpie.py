@@ -3,21 +3,29 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from selfinstruct import cli
+from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import InputFileError, UserError
+from selfinstruct.export import ExportConfig, run_export
 from selfinstruct.magpie import (
     ChatFormat,
     MagpieConfig,
     end_of_turn,
+    load_system_prompts,
     load_tokenizer,
     render_pre_query,
     run_magpie,
 )
+from selfinstruct.report import StatsConfig, stats_report, verb_object
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply
@@ -164,6 +172,12 @@ def test_run_writes_records_rejections_summary(tmp_path: Path, chatml_dir: Path)
     assert summary["kept"] == 30 and summary["corpus_records"] == 30 and summary["finished"]
     assert sum(summary["rejected_by_reason"].values()) == len(rejected)
     assert summary["requests"] == len(requests)
+    # `stats` reads the run as is: the root verbs (and their objects) of the kept queries, where drift shows
+    stats, _ = stats_report(StatsConfig(path=str(tmp_path), out=str(tmp_path / "r"), parser="heuristic"))
+    verbs = stats["verbs"]
+    assert verbs["instructions"] == 30 and verbs["with_verb_object"] > 0
+    counted = Counter(v for v, _ in (verb_object(c["instruction"]) for c in corpus) if v)
+    assert [(v["verb"], v["count"]) for v in verbs["top"]] == counted.most_common(len(verbs["top"]))
 
 
 def test_filters_truncated_repetitive_and_bad_answers(tmp_path: Path, chatml_dir: Path):
@@ -187,6 +201,30 @@ def test_filters_truncated_repetitive_and_bad_answers(tmp_path: Path, chatml_dir
     assert {("query", "truncated"), ("query", "repetitive"), ("answer", "empty_answer")} <= reasons
     corpus = list(read_jsonl(tmp_path / "corpus.jsonl"))
     assert [c["instruction"] for c in corpus] == [good[1]]
+
+
+def test_queries_pass_the_heuristics_and_exact_rouge_novelty_of_generate(tmp_path: Path, chatml_dir: Path):
+    """The same `[filters]` as generate: a too-short query and a near-copy of a kept one (ROUGE-L F above the
+    threshold, not an exact repeat) are rejected with their reason and, for the copy, its nearest kept query."""
+    first = "Name three rivers that flow through Germany and the cities on their banks."
+    near = "Name three rivers that flow through France and the cities on their banks."
+    other = "Explain how a bicycle gear works to a child who is learning to ride."
+    batches = iter([[first], ["Why?", near, other]])
+
+    def responder(request):
+        if request["prompt"] == "<|im_start|>user\n":
+            return next(batches)
+        return "An answer."
+
+    with FakeOpenAI(responder) as server:
+        cfg = _cfg(server, tmp_path, chatml_dir, num_instructions=2, concurrency=1, queries_per_request=3)
+        assert run_magpie(cfg) == 0
+    assert [k["instruction"] for k in read_jsonl(tmp_path / "instructions.jsonl")] == [first, other]
+    rejected = {r["reason"]: r for r in read_jsonl(tmp_path / "rejected.jsonl")}
+    assert set(rejected) == {"too_short", "too_similar"}
+    assert rejected["too_similar"]["instruction"] == near
+    assert rejected["too_similar"]["nearest"]["instruction"] == first
+    assert rejected["too_similar"]["nearest"]["score"] > 0.7
 
 
 def test_resume_continues_from_the_files(tmp_path: Path, chatml_dir: Path):
@@ -213,6 +251,27 @@ def test_budget_stops_before_answering(tmp_path: Path, chatml_dir: Path):
     assert 0 < summary["kept"] < 500 and summary["corpus_records"] == 0
 
 
+def test_patience_stops_a_model_that_repeats_itself(tmp_path: Path, chatml_dir: Path):
+    same = "Suggest a name for a cat that loves to sleep in cardboard boxes."
+    with FakeOpenAI(lambda request: [same] * request.get("n", 1)) as server:
+        cfg = _cfg(server, tmp_path, chatml_dir, num_instructions=50, patience=10, concurrency=2)
+        assert run_magpie(cfg) == 0
+        assert len(server.completions("/v1/completions")) < 20
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"]["query"]["stopped"] == "no_progress" and summary["kept"] == 1
+    assert summary["rejected_by_reason"]["duplicate"] >= 10 and not summary["finished"]
+
+
+def test_progress_shows_each_stage(tmp_path: Path, chatml_dir: Path):
+    """The live display of generate, with magpie's stages (a terminal console, as a user sees it)."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=160, record=True)
+    with FakeOpenAI(MagpieResponder()) as server:
+        assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=6), console=console) == 0
+    shown = console.export_text()
+    assert "query (kept)" in shown and "6/6" in shown and "answer (answered)" in shown
+    assert "magpie finished: fake-model" in shown and "corpus        6 records" in shown
+
+
 def test_system_prompts_steer_queries_and_answers(tmp_path: Path, chatml_dir: Path):
     prompts = ["You ask about cooking.", "You ask about astronomy."]
     (tmp_path / "systems.json").write_text(json.dumps(prompts))
@@ -235,6 +294,17 @@ def test_system_prompts_steer_queries_and_answers(tmp_path: Path, chatml_dir: Pa
         assert any(r.startswith(turn) for r in requests)
 
 
+def test_system_prompt_file_one_per_line_or_json(tmp_path: Path):
+    (tmp_path / "domains.txt").write_text("You ask about cooking.\n\n  You ask about law.  \n")
+    assert load_system_prompts(str(tmp_path / "domains.txt")) == [
+        "You ask about cooking.",
+        "You ask about law.",
+    ]
+    (tmp_path / "bad.json").write_text('["ok", 3]')
+    with pytest.raises(InputFileError, match=r"bad\.json: a JSON file must hold a list of non-empty strings"):
+        load_system_prompts(str(tmp_path / "bad.json"))
+
+
 def test_bad_settings_are_one_line_errors(tmp_path: Path, chatml_dir: Path):
     with FakeOpenAI(MagpieResponder()) as server:
         chat = _cfg(server, tmp_path / "a", chatml_dir)
@@ -250,6 +320,63 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path, chatml_dir: Path):
             run_magpie(_cfg(server, tmp_path / "other", chatml_dir))
         assert all(r.json["max_tokens"] == 1 for r in server.completions())  # only start-up probes
     assert not (tmp_path / "a").exists()
+
+
+def _cli(server: FakeOpenAI, out: Path, tokenizer: Path, *flags: str) -> int:
+    args = [
+        "magpie",
+        "--out",
+        str(out),
+        "--api",
+        "completions",
+        "--base-url",
+        server.url,
+        "--model",
+        "fake-model",
+    ]
+    args += ["--api-key-env", "", "--max-retries", "0", "--tokenizer", str(tokenizer), *flags]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    return exc.value.code
+
+
+def test_cli_explicit_pre_query_is_sent_as_typed(tmp_path: Path, chatml_dir: Path):
+    """`--pre-query TEXT` replaces the rendered template (`\\n` typed on the command line is a newline)."""
+    typed = r"<|im_start|>system\nAsk about tea.<|im_end|>\n<|im_start|>user\n"
+    with FakeOpenAI(MagpieResponder()) as server:
+        code = _cli(server, tmp_path, chatml_dir, "--num-instructions", "5", "--pre-query", typed)
+        prompts = [
+            r.json["prompt"] for r in server.completions("/v1/completions") if r.json["max_tokens"] > 1
+        ]
+    assert code == 0
+    wanted = "<|im_start|>system\nAsk about tea.<|im_end|>\n<|im_start|>user\n"
+    queries = [p for p in prompts if p.endswith("user\n")]
+    assert queries and set(queries) == {wanted}
+    assert len(list(read_jsonl(tmp_path / "corpus.jsonl"))) == 5
+
+
+def test_cli_refuses_chat_endpoints_with_one_line_exit_2(tmp_path: Path, chatml_dir: Path, capsys):
+    """`--api chat` is refused before anything starts; an endpoint that serves chat only (404 on
+    /v1/completions, as OpenAI answers for a chat model) is refused at start-up, naming the cause."""
+
+    def chat_only(request):
+        if "prompt" in request:
+            return Reply(
+                status=404, error="This is a chat model and not supported in the v1/completions endpoint."
+            )
+        return "OK"
+
+    with FakeOpenAI(chat_only) as server:
+        assert _cli(server, tmp_path / "a", chatml_dir, "--api", "chat") == 2
+        assert "use --api completions" in capsys.readouterr().err
+        assert _cli(server, tmp_path / "b", chatml_dir, "--turns", "2", "--pre-query", "User: ") == 2
+        assert "--turns > 1 needs --pre-query auto" in capsys.readouterr().err
+        assert _cli(server, tmp_path / "c", chatml_dir) == 2
+        err = capsys.readouterr().err
+        assert not server.completions("/v1/chat/completions")
+    assert "a chat-only endpoint has no /completions" in err and "This is a chat model" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------- the real small model
@@ -285,10 +412,12 @@ def test_turns_continue_each_conversation(tmp_path: Path, chatml_dir: Path):
         ]
         corpus = list(read_jsonl(tmp_path / "corpus.jsonl"))
         assert len(corpus) == 4
-        for rec in corpus:
-            conv = rec["meta"]["conversation"]
-            assert [m["role"] for m in conv] == ["user", "assistant"] * 3
-            assert conv[0] == {"role": "user", "content": rec["instruction"]}
+        kept = {k["id"]: k["instruction"] for k in read_jsonl(tmp_path / "instructions.jsonl")}
+        for rec in corpus:  # chat records, as converse writes them: every exchange in `messages`
+            conv = rec["messages"]
+            assert set(rec) == {"messages", "meta"} and "conversation" not in rec["meta"]
+            assert [m["role"] for m in conv] == ["user", "assistant"] * 3 and rec["meta"]["turns"] == 3
+            assert conv[0] == {"role": "user", "content": kept[rec["meta"]["task_id"]]}
             history = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv[:4])
             assert history + "<|im_start|>user\n" in prompts  # the third query's prompt
             assert (
@@ -301,6 +430,16 @@ def test_turns_continue_each_conversation(tmp_path: Path, chatml_dir: Path):
         before = len(server.completions())
         assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=4, turns=3)) == 0
         assert all(r.json["max_tokens"] == 1 for r in server.completions()[before:])
+    # export, train and stats read every turn, not only the first exchange
+    assert (
+        run_export(ExportConfig(source=str(tmp_path), format="messages", out=str(tmp_path / "x.jsonl"))) == 0
+    )
+    exported = list(read_jsonl(tmp_path / "x.jsonl"))
+    assert [row["messages"] for row in exported] == [rec["messages"] for rec in corpus]
+    assert [r.turns for r in load_corpus_any(tmp_path / "corpus.jsonl")] == [3] * 4
+    stats, _ = stats_report(StatsConfig(path=str(tmp_path), out=str(tmp_path / "r"), parser="heuristic"))
+    assert stats["conversations"]["multi_turn"] == 4
+    assert stats["conversations"]["user_turn"]["count"] == 12
 
 
 def test_sigterm_stops_magpie_gently_with_exit_143(tmp_path: Path, chatml_dir: Path):

@@ -323,9 +323,10 @@ class OpenAITeacher(Teacher):
         if failure.fatal:
             raise UserError(self._redact(f"{ep.url} refused the request: {failure.message}"))
         if failure.status == 404:
+            hint = " (a chat-only endpoint has no /completions)" if self.cfg.api == "completions" else ""
             raise UserError(
                 self._redact(
-                    f"model {self.model!r} ({self.cfg.api} API) not found at {ep.url}: {failure.message}"
+                    f"model {self.model!r} ({self.cfg.api} API) not found at {ep.url}{hint}: {failure.message}"
                 )
             )
         log.warning(self._redact(f"teacher check at {ep.url} answered {failure.message}; going on"))
