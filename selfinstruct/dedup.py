@@ -108,7 +108,8 @@ class DedupConfig(Section):
 
 
 def record_text(record: CorpusRecord, fields: Sequence[str]) -> str:
-    return "\n".join(getattr(record, f) for f in fields)
+    """The text compared: `fields` joined by newlines, a conversation's over all its turns (`text_of`)."""
+    return "\n".join(record.text_of(f) for f in fields)
 
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -344,7 +345,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
                 continue
             nearest = eval_texts[v.nearest] if v.reason == CONTAMINATED else texts[v.nearest]  # type: ignore[index]
             row: dict[str, Any] = CurationRejection(
-                instruction=rec.instruction,
+                instruction=rec.text_of("instruction"),
                 reason=v.reason,
                 stage="dedup",
                 line=line,
@@ -383,7 +384,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
             "records": len(rows),
             "kept": counts["kept"],
             "removed": len(rows) - counts["kept"],
-            "reasons": {r: n for r, n in counts.items() if r != "kept"},
+            "rejected_by_reason": {r: n for r, n in counts.items() if r != "kept"},
             "clusters": len(clusters),
             "seconds": round(time.perf_counter() - started, 3),
             "out": str(out),
@@ -394,7 +395,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
 
 def run_dedup(cfg: DedupConfig) -> int:
     s = dedup(cfg)
-    reasons = ", ".join(f"{r} {n}" for r, n in s["reasons"].items()) or "none"
+    reasons = ", ".join(f"{r} {n}" for r, n in s["rejected_by_reason"].items()) or "none"
     print(
         f"{s['kept']} of {s['records']} records kept ({reasons}; {s['clusters']} clusters) "
         f"in {s['seconds']:.1f} s -> {s['out']}"

@@ -48,7 +48,7 @@ def test_exact_removes_every_copy_and_writes_clusters_and_rejections(tmp_path):
     ]
     corpus = write(tmp_path / "c.jsonl", [*BASE, *copies])
     summary = dedup(DedupConfig(input=str(corpus), out=str(tmp_path / "o"), method="exact"))
-    assert (summary["records"], summary["kept"], summary["reasons"]) == (8, 5, {"duplicate": 3})
+    assert (summary["records"], summary["kept"], summary["rejected_by_reason"]) == (8, 5, {"duplicate": 3})
     assert lines(tmp_path / "o" / "kept.jsonl") == BASE  # unchanged, in order
     rejected = lines(tmp_path / "o" / "rejected.jsonl")
     assert [r["line"] for r in rejected] == [6, 7, 8]
@@ -82,7 +82,7 @@ def test_minhash_catches_near_copies_and_keeps_distinct_tasks(tmp_path):
     ])  # fmt: skip
     assert code == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["reasons"] == {"near_duplicate": 2} and summary["kept"] == 5
+    assert summary["rejected_by_reason"] == {"near_duplicate": 2} and summary["kept"] == 5
     assert summary["settings"]["ngram"] == 4 and summary["settings"]["num_perm"] == 64
     sims = [r["similarity"] for r in lines(tmp_path / "o" / "rejected.jsonl")]
     assert all(0.6 <= s < 1 for s in sims)
@@ -109,7 +109,7 @@ def test_against_drops_records_that_overlap_the_eval_set(tmp_path):
                 input=str(corpus), out=str(out), method=method, against=str(heldout), encoder="hashed"
             )
         )
-        assert summary["reasons"] == {"eval_overlap": 1}, method
+        assert summary["rejected_by_reason"] == {"eval_overlap": 1}, method
         (rejected,) = lines(out / "rejected.jsonl")
         assert rejected["line"] == 2 and rejected["against_line"] == 2
         assert rejected["nearest"].startswith("Explain how a rainbow forms!")
