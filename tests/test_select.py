@@ -152,6 +152,10 @@ def test_ifd_excludes_at_or_above_one_and_matches_the_definition(corpus, tiny_mo
     # rescoring is skipped: a rerun adds no lines
     select(cfg.model_copy(update={"n": 5}))
     assert len(rows(tmp_path / "o" / "scores.jsonl")) == len(scores)
+    # batching (right padding, sequences sorted by length) does not change a score
+    select(cfg.model_copy(update={"out": str(tmp_path / "b1"), "scorer_batch_size": 1}))
+    one_by_one = {x["id"]: x["score"] for x in rows(tmp_path / "b1" / "scores.jsonl")}
+    assert [x["score"] for x in scores] == pytest.approx([one_by_one[x["id"]] for x in scores], rel=1e-4)
 
 
 def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_path):
@@ -179,6 +183,14 @@ def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_
         state = json.loads((out / "select_state.json").read_text())
         assert state["usage"]["requests"] == 12 + 18 == report["teacher_usage"]["requests"]
         assert report["teacher_usage"]["prompt_tokens"] > 0
+
+        # another N, weights and combination over cached scores: not a single request (not even the probe)
+        server.clear()
+        again = select(
+            cfg.model_copy(update={"max_requests": None, "n": 5, "weights": [2.0], "combine": "sum"})
+        )
+        assert server.requests == [] and again["complete"] and again["selected"] == 5
+        assert again["teacher_usage"]["requests"] == 12 + 18
 
         # DEITA = complexity x quality, and a product with length (cached: no new length scoring)
         report = select(cfg.model_copy(update={"score": ["deita", "length"], "weights": [1.0, 0.5]}))
