@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfinstruct.cli import run
-from selfinstruct.dedup import DedupConfig, dedup, find_duplicates, record_text, train_overlap
+from selfinstruct.dedup import DedupConfig, dedup, find_duplicates, normalize, record_text, train_overlap
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.testing.paraphrase import build_fixture, score_clusters
@@ -158,12 +158,25 @@ def fixture_texts():
 
 def test_paraphrase_fixture_exact_and_minilm_recall(fixture_texts):
     fixture, texts = fixture_texts
+    seen: set[str] = set()
+    copies = []  # records equal (after normalisation) to an earlier one
+    for i, text in enumerate(texts):
+        if normalize(text) in seen:
+            copies.append(i)
+        seen.add(normalize(text))
+    assert len(copies) > 50
     exact = find_duplicates(texts, DedupConfig(method="exact"))
     scores = score_clusters(fixture, [v.nearest if v.reason else None for v in exact])
     assert scores["precision"] == 1.0 and scores["by_kind"]["format"] == 1.0  # every exact copy, nothing else
+    assert scores["removed"] == len(copies)
     semantic = find_duplicates(texts, DedupConfig(method="semantic", encoder="minilm"))
     scores = score_clusters(fixture, [v.nearest if v.reason else None for v in semantic])
     assert scores["recall"] >= 0.95 and scores["precision"] >= 0.9, scores
+    # every method removes every exact copy
+    minhash = find_duplicates(texts, DedupConfig(method="minhash"))
+    hashed = find_duplicates(texts, DedupConfig(method="semantic", encoder="hashed"))
+    for verdicts in (exact, semantic, minhash, hashed):
+        assert all(verdicts[i].reason is not None for i in copies)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
