@@ -269,7 +269,12 @@ def find_duplicates(
     encoder: Any = None,
     on_batch: Any = None,
 ) -> list[Verdict]:
-    """One verdict per text, in order: kept, a duplicate of an earlier kept text, or overlapping `against`."""
+    """One verdict per text, in order: kept, a duplicate of an earlier kept text, or overlapping `against`.
+
+    Whatever the method, a text equal to an earlier one after normalisation shares that one's fate (a duplicate
+    of it, or of the record it went for) and one equal to an evaluation text overlaps it: an encoder sees case
+    and punctuation, and a copy of a record that went for a neighbour may itself be a little further from it,
+    but exact copies must all go."""
     if cfg.method == "semantic" and encoder is None:
         from selfinstruct.embed import make_encoder
 
@@ -277,29 +282,44 @@ def find_duplicates(
     if encoder is not None:
         encoder.fit([*texts, *against])
     eval_index, eval_ids = None, []  # eval_ids: position in the index -> index into `against`
+    eval_exact: dict[str, int] = {}
     if against:
+        for k, text in enumerate(against):
+            eval_exact.setdefault(normalize(text), k)
         eval_index = build_index(cfg, encoder)
         for start in range(0, len(against), cfg.batch_size):
             hits = eval_index.judge(against[start : start + cfg.batch_size], add=True)
             eval_ids.extend(start + i for i, hit in enumerate(hits) if hit is None)
     index = build_index(cfg, encoder)
     kept_ids: list[int] = []  # position in the index -> index into texts
+    first: dict[str, int] = {}  # normalised text -> index of its first occurrence in texts
     verdicts: list[Verdict] = []
     reason = REASONS[cfg.method]
     for start in range(0, len(texts), cfg.batch_size):
         batch = list(texts[start : start + cfg.batch_size])
         out: list[Verdict | None] = [None] * len(batch)
+        keys = [normalize(t) for t in batch]
+        origin = [first.setdefault(key, start + i) for i, key in enumerate(keys)]
+        fresh = [i for i in range(len(batch)) if origin[i] == start + i]
+        for i in fresh:
+            if keys[i] in eval_exact:
+                out[i] = Verdict(CONTAMINATED, eval_exact[keys[i]], 1.0)
         if eval_index is not None:
-            for i, hit in enumerate(eval_index.judge(batch, add=False)):
+            todo = [i for i in fresh if out[i] is None]
+            for i, hit in zip(todo, eval_index.judge([batch[i] for i in todo], add=False), strict=True):
                 if hit is not None:
                     out[i] = Verdict(CONTAMINATED, eval_ids[hit[0]], hit[1])
-        todo = [i for i in range(len(batch)) if out[i] is None]
+        todo = [i for i in fresh if out[i] is None]
         for i, hit in zip(todo, index.judge([batch[i] for i in todo], add=True), strict=True):
             if hit is None:
                 out[i] = Verdict(None)
                 kept_ids.append(start + i)
             else:
                 out[i] = Verdict(reason, kept_ids[hit[0]], hit[1])
+        for i, j in enumerate(origin):
+            if j != start + i:  # an exact copy of text j (judged already: j < start + i)
+                was = verdicts[j] if j < start else out[j - start]
+                out[i] = Verdict(reason, j, 1.0) if was.reason is None else was  # type: ignore[union-attr]
         verdicts.extend(v for v in out if v is not None)
         if on_batch is not None:
             on_batch(len(batch))
