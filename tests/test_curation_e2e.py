@@ -30,6 +30,9 @@ def test_generate_dedup_select_train(tmp_path, tiny_model_dir):
         assert run(["generate", str(seeds), "--out", str(run_dir), "--pipeline", "alpaca",
                     "--num-instructions", "90", *teacher]) == 0  # fmt: skip
         corpus = lines(run_dir / "corpus.jsonl")
+        # a run directory is a corpus too (its corpus.jsonl)
+        assert run(["dedup", str(run_dir), "--out", str(tmp_path / "d0"), "--method", "exact"]) == 0
+        assert json.loads((tmp_path / "d0" / "summary.json").read_text())["records"] == len(corpus)
         # the same tasks merged in twice (as happens when runs are combined) must all go
         doubled = tmp_path / "doubled.jsonl"
         doubled.write_text("".join(json.dumps(r) + "\n" for r in corpus + corpus[:20]))

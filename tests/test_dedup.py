@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from selfinstruct.cli import run
-from selfinstruct.dedup import DedupConfig, dedup, find_duplicates, normalize, record_text, train_overlap
+from selfinstruct.dedup import (
+    DedupConfig,
+    MinHashIndex,
+    dedup,
+    find_duplicates,
+    normalize,
+    record_text,
+    train_overlap,
+)
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.testing.paraphrase import build_fixture, score_clusters
@@ -91,6 +99,14 @@ def test_minhash_catches_near_copies_and_keeps_distinct_tasks(tmp_path):
         DedupConfig(input=str(corpus), out=str(tmp_path / "o"), method="minhash", threshold=0.95, force=True)
     )
     assert summary["kept"] == 7
+    # the shingle size and the permutations are really used: character 1-grams make unrelated short
+    # instructions look alike (Jaccard 0.65 of their letter sets), and the signatures have --num-perm values
+    unrelated = ["Write a haiku about autumn leaves.", "Explain how a rainbow forms."]
+    assert [v.reason for v in find_duplicates(unrelated, DedupConfig(ngram=1))] == [None, "near_duplicate"]
+    assert [v.reason for v in find_duplicates(unrelated, DedupConfig(ngram=5))] == [None, None]
+    index = MinHashIndex(0.6, 5, "char", 32, 1)
+    index.judge(unrelated, add=True)
+    assert index._sigs.shape[1] == 32
 
 
 def test_against_drops_records_that_overlap_the_eval_set(tmp_path):
