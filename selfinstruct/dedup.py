@@ -2,7 +2,7 @@
 
 ROUGE-L novelty (`filter`) compares instructions word by word in order; this command catches what it misses:
 the same task with a reworded input, a reordered sentence, or a paraphrase. Three methods, all run over the
-text of `--fields` (joined by newlines):
+text of `--fields` (joined by newlines; a conversation's fields cover all its turns, `CorpusRecord.text_of`):
 
 * `exact`: identical after normalisation (Unicode NFKC, lowercase, every run of non-word characters one space).
 * `minhash`: Jaccard similarity of the texts' shingle sets (character or word n-grams of the normalised text)

@@ -13,6 +13,9 @@ Scorers (`--score`, higher is better for all of them; several combine into one n
 * `deita`: the teacher scores instruction complexity and response quality (1-6 each) in one request; the score
   is their product (DEITA's complexity × quality).
 
+A conversation (a record with `messages`) counts whole: its output is all its assistant turns, its instruction
+all its user turns (`CorpusRecord.text_of`), and IFD scores every assistant turn in context.
+
 Combination (`--combine`): `product` = Π score_i^weight_i (scale-free: rescaling a scorer does not change the
 order), or `sum` = Σ weight_i × score_i min-max-normalised over the corpus. Ties are broken by a `--seed`ed
 random order, so a selection is deterministic.
