@@ -2,7 +2,7 @@
 
 ROUGE-L novelty (`filter`) compares instructions word by word in order; this command catches what it misses:
 the same task with a reworded input, a reordered sentence, or a paraphrase. Three methods, all run over the
-text of `--fields` (joined by newlines):
+text of `--fields` (joined by newlines; a conversation's fields cover all its turns, `CorpusRecord.text_of`):
 
 * `exact`: identical after normalisation (Unicode NFKC, lowercase, every run of non-word characters one space).
 * `minhash`: Jaccard similarity of the texts' shingle sets (character or word n-grams of the normalised text)
@@ -108,7 +108,8 @@ class DedupConfig(Section):
 
 
 def record_text(record: CorpusRecord, fields: Sequence[str]) -> str:
-    return "\n".join(getattr(record, f) for f in fields)
+    """The text compared: `fields` joined by newlines, a conversation's over all its turns (`text_of`)."""
+    return "\n".join(record.text_of(f) for f in fields)
 
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -268,7 +269,12 @@ def find_duplicates(
     encoder: Any = None,
     on_batch: Any = None,
 ) -> list[Verdict]:
-    """One verdict per text, in order: kept, a duplicate of an earlier kept text, or overlapping `against`."""
+    """One verdict per text, in order: kept, a duplicate of an earlier kept text, or overlapping `against`.
+
+    Whatever the method, a text equal to an earlier one after normalisation shares that one's fate (a duplicate
+    of it, or of the record it went for) and one equal to an evaluation text overlaps it: an encoder sees case
+    and punctuation, and a copy of a record that went for a neighbour may itself be a little further from it,
+    but exact copies must all go."""
     if cfg.method == "semantic" and encoder is None:
         from selfinstruct.embed import make_encoder
 
@@ -276,29 +282,44 @@ def find_duplicates(
     if encoder is not None:
         encoder.fit([*texts, *against])
     eval_index, eval_ids = None, []  # eval_ids: position in the index -> index into `against`
+    eval_exact: dict[str, int] = {}
     if against:
+        for k, text in enumerate(against):
+            eval_exact.setdefault(normalize(text), k)
         eval_index = build_index(cfg, encoder)
         for start in range(0, len(against), cfg.batch_size):
             hits = eval_index.judge(against[start : start + cfg.batch_size], add=True)
             eval_ids.extend(start + i for i, hit in enumerate(hits) if hit is None)
     index = build_index(cfg, encoder)
     kept_ids: list[int] = []  # position in the index -> index into texts
+    first: dict[str, int] = {}  # normalised text -> index of its first occurrence in texts
     verdicts: list[Verdict] = []
     reason = REASONS[cfg.method]
     for start in range(0, len(texts), cfg.batch_size):
         batch = list(texts[start : start + cfg.batch_size])
         out: list[Verdict | None] = [None] * len(batch)
+        keys = [normalize(t) for t in batch]
+        origin = [first.setdefault(key, start + i) for i, key in enumerate(keys)]
+        fresh = [i for i in range(len(batch)) if origin[i] == start + i]
+        for i in fresh:
+            if keys[i] in eval_exact:
+                out[i] = Verdict(CONTAMINATED, eval_exact[keys[i]], 1.0)
         if eval_index is not None:
-            for i, hit in enumerate(eval_index.judge(batch, add=False)):
+            todo = [i for i in fresh if out[i] is None]
+            for i, hit in zip(todo, eval_index.judge([batch[i] for i in todo], add=False), strict=True):
                 if hit is not None:
                     out[i] = Verdict(CONTAMINATED, eval_ids[hit[0]], hit[1])
-        todo = [i for i in range(len(batch)) if out[i] is None]
+        todo = [i for i in fresh if out[i] is None]
         for i, hit in zip(todo, index.judge([batch[i] for i in todo], add=True), strict=True):
             if hit is None:
                 out[i] = Verdict(None)
                 kept_ids.append(start + i)
             else:
                 out[i] = Verdict(reason, kept_ids[hit[0]], hit[1])
+        for i, j in enumerate(origin):
+            if j != start + i:  # an exact copy of text j (judged already: j < start + i)
+                was = verdicts[j] if j < start else out[j - start]
+                out[i] = Verdict(reason, j, 1.0) if was.reason is None else was  # type: ignore[union-attr]
         verdicts.extend(v for v in out if v is not None)
         if on_batch is not None:
             on_batch(len(batch))
@@ -344,7 +365,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
                 continue
             nearest = eval_texts[v.nearest] if v.reason == CONTAMINATED else texts[v.nearest]  # type: ignore[index]
             row: dict[str, Any] = CurationRejection(
-                instruction=rec.instruction,
+                instruction=rec.text_of("instruction"),
                 reason=v.reason,
                 stage="dedup",
                 line=line,
@@ -383,7 +404,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
             "records": len(rows),
             "kept": counts["kept"],
             "removed": len(rows) - counts["kept"],
-            "reasons": {r: n for r, n in counts.items() if r != "kept"},
+            "rejected_by_reason": {r: n for r, n in counts.items() if r != "kept"},
             "clusters": len(clusters),
             "seconds": round(time.perf_counter() - started, 3),
             "out": str(out),
@@ -394,7 +415,7 @@ def dedup(cfg: DedupConfig, console: Console | None = None) -> dict[str, Any]:
 
 def run_dedup(cfg: DedupConfig) -> int:
     s = dedup(cfg)
-    reasons = ", ".join(f"{r} {n}" for r, n in s["reasons"].items()) or "none"
+    reasons = ", ".join(f"{r} {n}" for r, n in s["rejected_by_reason"].items()) or "none"
     print(
         f"{s['kept']} of {s['records']} records kept ({reasons}; {s['clusters']} clusters) "
         f"in {s['seconds']:.1f} s -> {s['out']}"

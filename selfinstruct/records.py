@@ -118,6 +118,15 @@ class CorpusRecord:
             {"role": "assistant", "content": self.output},
         ]
 
+    def text_of(self, field: str) -> str:
+        """A field's text as the curation commands (`dedup`, `select`, `filter`) judge it. A conversation counts
+        whole: its `instruction` is every user turn and its `output` every assistant turn, in order and joined by
+        blank lines, its `input` is empty (the system turn is in none of them); an Alpaca record's own field."""
+        if self.messages is None:
+            return getattr(self, field)
+        role = {"instruction": "user", "output": "assistant"}.get(field)
+        return "\n\n".join(m["content"] for m in self.messages if m["role"] == role) if role else ""
+
     @property
     def turns(self) -> int:
         """User/assistant exchanges (1 for an Alpaca record)."""

@@ -13,6 +13,9 @@ Scorers (`--score`, higher is better for all of them; several combine into one n
 * `deita`: the teacher scores instruction complexity and response quality (1-6 each) in one request; the score
   is their product (DEITA's complexity × quality).
 
+A conversation (a record with `messages`) counts whole: its output is all its assistant turns, its instruction
+all its user turns (`CorpusRecord.text_of`), and IFD scores every assistant turn in context.
+
 Combination (`--combine`): `product` = Π score_i^weight_i (scale-free: rescaling a scorer does not change the
 order), or `sum` = Σ weight_i × score_i min-max-normalised over the corpus. Ties are broken by a `--seed`ed
 random order, so a selection is deterministic.
@@ -153,8 +156,12 @@ class SelectConfig(Section):
 
 
 def record_id(record: CorpusRecord) -> str:
-    """Content id: identical records share scores wherever they are in whichever corpus."""
-    key = json.dumps([record.instruction, record.input, record.output], ensure_ascii=False)
+    """Content id: identical records share scores wherever they are in whichever corpus (a conversation by all
+    its turns)."""
+    content = (
+        record.messages if record.messages is not None else [record.instruction, record.input, record.output]
+    )
+    key = json.dumps(content, ensure_ascii=False)
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
@@ -221,15 +228,18 @@ def _load_tokenizer_and_model(spec: str, with_model: bool) -> tuple[Any, Any]:
 
 def length_scores(records: dict[str, CorpusRecord], tokenizer: Any) -> list[dict[str, Any]]:
     if tokenizer is None:
-        return [{"id": i, "score": len(r.output.split())} for i, r in records.items()]
+        return [{"id": i, "score": len(r.text_of("output").split())} for i, r in records.items()]
     return [
-        {"id": i, "score": len(tokenizer(r.output, add_special_tokens=False)["input_ids"])}
+        {"id": i, "score": len(tokenizer(r.text_of("output"), add_special_tokens=False)["input_ids"])}
         for i, r in records.items()
     ]
 
 
-def _response_nll(model: Any, seqs: list[tuple[list[int], int]], batch_size: int, pad: int) -> list[float]:
-    """Mean NLL (nats/token) of each sequence's tokens from `start` on; batched by length, right-padded."""
+def _response_nll(
+    model: Any, seqs: list[tuple[list[int], list[int]]], batch_size: int, pad: int
+) -> list[float]:
+    """Mean NLL (nats/token) of each sequence's tokens marked 1 in its mask (never the first token); batched by
+    length, right-padded."""
     import torch
     from torch.nn.functional import cross_entropy
 
@@ -247,14 +257,36 @@ def _response_nll(model: Any, seqs: list[tuple[list[int], int]], batch_size: int
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, i in enumerate(batch):
-            seq, start = seqs[i]
-            if start < len(seq):  # logits at t predict token t + 1
-                out[i] = float(
-                    cross_entropy(
-                        logits[row, start - 1 : len(seq) - 1].float(), ids[row, start : len(seq)].to(device)
-                    )
-                )
+            seq, scored = seqs[i]
+            positions = [t for t in range(1, len(seq)) if scored[t]]
+            if positions:  # logits at t - 1 predict token t
+                at = torch.tensor(positions, device=device)
+                out[i] = float(cross_entropy(logits[row, at - 1].float(), ids[row].to(device)[at]))
     return out
+
+
+def _ifd_pair(
+    tokenizer: Any, record: CorpusRecord, template: str, max_length: int
+) -> list[tuple[list, list]]:
+    """(token ids, mask of the scored tokens) of the record as `train` sees it and of its output side alone.
+
+    A conversation of several exchanges is scored on every assistant turn in its context (`train`'s loss
+    mask) against all its assistant turns alone; a single exchange on its answer."""
+    from selfinstruct.evaluate import tokenize_example
+    from selfinstruct.train import assistant_only_row, to_examples
+
+    pair = []
+    if record.turns > 1:
+        if template != "chat":
+            raise UserError("--scorer-model has no chat template: IFD of multi-turn conversations needs one")
+        row = assistant_only_row(tokenizer, record.conversation())
+        pair.append((row["input_ids"], row["completion_mask"]))
+    else:
+        ids, begin = tokenize_example(tokenizer, to_examples([record], template)[0])
+        pair.append((ids, [0] * begin + [1] * (len(ids) - begin)))
+    ids, begin = tokenize_example(tokenizer, {"prompt": "", "completion": record.text_of("output")})
+    pair.append((ids, [0] * begin + [1] * (len(ids) - begin)))
+    return [(ids[:max_length], mask[:max_length]) for ids, mask in pair]
 
 
 def ifd_scores(
@@ -270,22 +302,12 @@ def ifd_scores(
     The prompt is rendered exactly as `selfinstruct train` would (the model's chat template, else Alpaca's), so
     the conditioned perplexity is the one fine-tuning on this record would start from. Scores are emitted every
     `WRITE_EVERY` records so an interrupted run keeps them."""
-    from selfinstruct.evaluate import tokenize_example
-    from selfinstruct.train import to_examples
-
     template = "chat" if tokenizer.chat_template else "alpaca"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items = list(records.items())
     for start in range(0, len(items), WRITE_EVERY):
         chunk = items[start : start + WRITE_EVERY]
-        seqs: list[tuple[list[int], int]] = []
-        for _, r in chunk:
-            for example in (
-                to_examples([r], template)[0],
-                {"prompt": "", "completion": r.output},  # the output alone
-            ):
-                ids, begin = tokenize_example(tokenizer, example)
-                seqs.append((ids[: cfg.max_length], max(1, min(begin, cfg.max_length))))
+        seqs = [seq for _, r in chunk for seq in _ifd_pair(tokenizer, r, template, cfg.max_length)]
         nll = _response_nll(model, seqs, cfg.scorer_batch_size, pad)
         lines = []
         for k, (rid, _) in enumerate(chunk):
@@ -366,7 +388,9 @@ class _Rater(NeedsEveryAnswer):
         for _ in range(n):
             rid, r = self.todo.popleft()
             messages, _ = self.template.render(
-                instruction=r.instruction, input=r.input.strip() or "(none)", output=r.output
+                instruction=r.text_of("instruction"),
+                input=r.text_of("input").strip() or "(none)",
+                output=r.text_of("output"),
             )
             out.append(TeacherRequest(messages=messages, sampling=self._sampling(rid), tag=rid))
         return out or None
@@ -620,7 +644,10 @@ def select(cfg: SelectConfig, teacher: Any = None, console: Console | None = Non
 
             encoder = make_encoder(cfg.encoder)
             encoder.fit([record_text(records[k], cfg.fields) for k in eligible])
-        texts = [r.instruction if cfg.diversity == "rouge" else record_text(r, cfg.fields) for r in records]
+        texts = [
+            r.text_of("instruction") if cfg.diversity == "rouge" else record_text(r, cfg.fields)
+            for r in records
+        ]
         taken, too_similar = diverse_walk(order, texts, cfg.n, cfg.diversity, max_similarity, encoder)
         lines = []
         for rank, k in enumerate(taken, start=1):

@@ -30,6 +30,9 @@ def test_generate_dedup_select_train(tmp_path, tiny_model_dir):
         assert run(["generate", str(seeds), "--out", str(run_dir), "--pipeline", "alpaca",
                     "--num-instructions", "90", *teacher]) == 0  # fmt: skip
         corpus = lines(run_dir / "corpus.jsonl")
+        # a run directory is a corpus too (its corpus.jsonl)
+        assert run(["dedup", str(run_dir), "--out", str(tmp_path / "d0"), "--method", "exact"]) == 0
+        assert json.loads((tmp_path / "d0" / "summary.json").read_text())["records"] == len(corpus)
         # the same tasks merged in twice (as happens when runs are combined) must all go
         doubled = tmp_path / "doubled.jsonl"
         doubled.write_text("".join(json.dumps(r) + "\n" for r in corpus + corpus[:20]))
@@ -47,6 +50,12 @@ def test_generate_dedup_select_train(tmp_path, tiny_model_dir):
     assert {r["meta"]["select"]["scores"]["judge"] for r in selected} <= {1, 2, 3, 4, 5}
     assert all(r["meta"]["select"]["scores"]["judge"] == rating(r["output"]) for r in selected)
     assert len(lines(select_dir / "scores.jsonl")) == 2 * len({json.dumps(r, sort_keys=True) for r in kept})
+    # what export reads too: each record exported once, in order, with its text unchanged
+    for src, rows in ((dedup_dir / "kept.jsonl", kept), (select_dir / "selected.jsonl", selected)):
+        out = tmp_path / f"{src.stem}.messages.jsonl"
+        assert run(["export", str(src), "--format", "messages", "--out", str(out)]) == 0
+        exported = lines(out)
+        assert [e["completion"][0]["content"] for e in exported] == [r["output"] for r in rows]
     assert run(["train", "--data", str(select_dir / "selected.jsonl"), "--model", str(tiny_model_dir),
                 "--out", str(tmp_path / "model"), "--max-steps", "3", "--batch-size", "8"]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())

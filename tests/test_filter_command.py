@@ -75,7 +75,9 @@ def test_filter_writes_kept_rejected_and_summary_in_input_order(tmp_path, capsys
     assert rejected[3]["nearest"] == SEEDS[0]["instruction"] and rejected[3]["record"] == RECORDS[4]
     assert rejected[1]["nearest"] is None and rejected[1]["record"] == RECORDS[2]
     assert summary["records"] == 7 and summary["tasks"] == 6 and summary["kept"] == 3
-    assert summary["pool_size"] == 1 and summary["reasons"] == dict(Counter(r["reason"] for r in rejected))
+    assert summary["pool_size"] == 1 and summary["rejected_by_reason"] == dict(
+        Counter(r["reason"] for r in rejected)
+    )
     assert "too_similar" in out and "3 kept, 4 rejected" in out
 
 

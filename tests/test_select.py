@@ -3,6 +3,7 @@ the score cache (resume, budgets) and the stats plot."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from selfinstruct.cli import run
 from selfinstruct.errors import UserError
@@ -152,6 +154,13 @@ def test_ifd_excludes_at_or_above_one_and_matches_the_definition(corpus, tiny_mo
     # rescoring is skipped: a rerun adds no lines
     select(cfg.model_copy(update={"n": 5}))
     assert len(rows(tmp_path / "o" / "scores.jsonl")) == len(scores)
+    # batching (right padding, sequences sorted by length) does not change a score
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    select(cfg.model_copy(update={"out": str(tmp_path / "b1"), "scorer_batch_size": 1}), console=console)
+    assert "ifd" in screen.getvalue() and "24/24" in screen.getvalue()  # the progress bar
+    one_by_one = {x["id"]: x["score"] for x in rows(tmp_path / "b1" / "scores.jsonl")}
+    assert [x["score"] for x in scores] == pytest.approx([one_by_one[x["id"]] for x in scores], rel=1e-4)
 
 
 def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_path):
@@ -180,6 +189,14 @@ def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_
         assert state["usage"]["requests"] == 12 + 18 == report["teacher_usage"]["requests"]
         assert report["teacher_usage"]["prompt_tokens"] > 0
 
+        # another N, weights and combination over cached scores: not a single request (not even the probe)
+        server.clear()
+        again = select(
+            cfg.model_copy(update={"max_requests": None, "n": 5, "weights": [2.0], "combine": "sum"})
+        )
+        assert server.requests == [] and again["complete"] and again["selected"] == 5
+        assert again["teacher_usage"]["requests"] == 12 + 18
+
         # DEITA = complexity x quality, and a product with length (cached: no new length scoring)
         report = select(cfg.model_copy(update={"score": ["deita", "length"], "weights": [1.0, 0.5]}))
         chosen = rows(out / "selected.jsonl")
@@ -190,6 +207,20 @@ def test_judge_and_deita_through_the_teacher_with_resume_and_budget(corpus, tmp_
             assert r["meta"]["select"]["score"] == pytest.approx(c * q * math.sqrt(s["length"]))
         combined = [r["meta"]["select"]["score"] for r in chosen]
         assert combined == sorted(combined, reverse=True)
+
+
+def test_teacher_cost_and_cost_budget(corpus, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows(corpus)[:20]))
+    with FakeOpenAI(responder=RatingResponder()) as server:
+        priced = teacher(server, price_input=1000.0, price_output=2000.0)
+        cfg = SelectConfig(input=str(small), out=str(tmp_path / "o"), n=5, score=["deita"], teacher=priced)
+        report = select(cfg.model_copy(update={"max_cost": 0.5}))
+    usage = report["teacher_usage"]
+    expected = (usage["prompt_tokens"] * 1000.0 + usage["completion_tokens"] * 2000.0) / 1e6
+    assert usage["cost"] == pytest.approx(expected) and usage["cost"] >= 0.5
+    assert report["stop_reason"] == "max_cost" and 0 < usage["requests"] < 20
+    assert json.loads((tmp_path / "o" / "select_report.json").read_text())["teacher_usage"] == usage
 
 
 def test_combine_and_parse_rating():

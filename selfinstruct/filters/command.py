@@ -36,7 +36,7 @@ OUTPUTS = (KEPT, REJECTED, SUMMARY)
 class FilterCommandConfig(Section):
     input: str = Field(
         "",
-        description="corpus to clean: Alpaca JSON/JSONL, seed JSONL, chat JSONL (first user turn), Parquet, run dir",
+        description="corpus to clean: Alpaca JSON/JSONL, seed JSONL, chat JSONL (all user turns), Parquet, run dir",
         json_schema_extra={"positional": True},
     )
     out: str | None = Field(None, description="output directory (default: <input stem>-filtered next to it)")
@@ -56,13 +56,13 @@ class FilterCommandConfig(Section):
 
 
 def _texts(path: Path, records: list[tuple[int, dict[str, Any]]], name: str) -> list[str]:
-    """The `name` field of every record; a chat record's `instruction` is its first user turn and its `output`
-    the answer to it (as `selfinstruct.corpus` reads them)."""
+    """The `name` field of every record; a chat record's `instruction` is all its user turns and its `output`
+    all its assistant turns (`CorpusRecord.text_of`), so a conversation is judged whole."""
     texts = []
     for line, record in records:
         value = record.get(name)
         if value is None and is_chat(record) and name in ("instruction", "input", "output"):
-            value = getattr(chat_record(path, line, record), name)
+            value = chat_record(path, line, record).text_of(name)
         if not isinstance(value, str):
             problem = "missing" if value is None else f"must be a string, got {type(value).__name__}"
             raise InputFileError(path, line, f"field '{name}': {problem}")
@@ -157,7 +157,7 @@ def filter_corpus(cfg: FilterCommandConfig, console: Console | None = None) -> d
             "tasks": len(judged),
             "kept": counts["kept"],
             "rejected": len(records) - counts["kept"],
-            "reasons": {r: n for r, n in counts.most_common() if r != "kept"},
+            "rejected_by_reason": {r: n for r, n in counts.most_common() if r != "kept"},
             "seconds": round(time.perf_counter() - started, 3),
             "out": str(out),
         }
@@ -173,7 +173,7 @@ def run_filter(cfg: FilterCommandConfig) -> int:
     table.add_column("records", justify="right")
     table.add_column("share", justify="right")
     total = summary["records"]
-    for name, n in [("kept", summary["kept"]), *summary["reasons"].items()]:
+    for name, n in [("kept", summary["kept"]), *summary["rejected_by_reason"].items()]:
         table.add_row(Text(name), str(n), f"{n / total:.1%}")
     Console(highlight=False).print(table)
     print(f"{summary['kept']} kept, {summary['rejected']} rejected in {summary['seconds']:.1f} s")
