@@ -5,6 +5,7 @@ up to let them reach the judge and the answer step; what is checked is the plumb
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import signal
@@ -304,6 +305,63 @@ def test_parsers_and_answer_rules():
     assert stopwords_only("It is what it is!") and stopwords_only("") and not stopwords_only("It is 42.")
 
 
+def test_flags_defaults_and_the_shared_teacher_and_filters_tables(tmp_path):
+    from selfinstruct.cli import parse_command
+
+    _, cfg, _ = parse_command(["evolve", "in.jsonl"])
+    assert cfg.rounds == 4 and cfg.chosen_ops() == list(OPS) and cfg.answer and cfg.judge_equal == "teacher"
+    assert cfg.include_originals and cfg.max_records is None and cfg.seed == 0
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[teacher]\nmodel = "m"\nconcurrency = 7\n[filters]\nthreshold = 0.5\n[evolve]\nrounds = 2\n'
+    )
+    _, cfg, _ = parse_command(
+        [
+            "evolve", "in.jsonl", "--config", str(toml), "--ops", "complicate_input,breadth", "--no-answer",
+            "--judge-equal", "off", "--max-records", "3", "--seed", "9", "--max-requests", "10",
+            "--max-cost", "1.5", "--max-tokens", "900", "--no-include-originals",
+        ]
+    )  # fmt: skip
+    assert (cfg.teacher.model, cfg.teacher.concurrency, cfg.filters.threshold, cfg.rounds) == ("m", 7, 0.5, 2)
+    assert cfg.chosen_ops() == ["complicate_input", "breadth"] and not cfg.answer and cfg.judge_equal == "off"
+    assert (cfg.max_records, cfg.seed, cfg.max_requests, cfg.max_cost, cfg.max_tokens) == (3, 9, 10, 1.5, 900)
+    assert not cfg.include_originals
+
+
+def test_seed_file_and_run_directory_inputs_no_answer_max_records_and_a_budget(tmp_path):
+    seeds = Path(__file__).parents[1] / "seeds" / "seed_tasks.jsonl"  # the seed format: instances
+    with FakeOpenAI(responder=EvolveResponder(seed=1)) as server:
+        first = config(
+            seeds, tmp_path / "a", server, rounds=1, max_records=5, answer=False, judge_equal="off"
+        )
+        shown = io.StringIO()
+        assert run_evolve(first, console=Console(file=shown, width=200)) == 0
+        sent = [r.json for r in server.completions() if r.json.get("max_tokens") != 1]
+        assert len(sent) == 5  # --max-records 5, one rewrite each: no judge, no answer
+        survivors = lines(tmp_path / "a" / "evolved.jsonl")
+        assert survivors and all(r["output"] == "" for r in survivors)
+        corpus_a = lines(tmp_path / "a" / "corpus.jsonl")
+        assert len(corpus_a) == 5 + len(survivors) and corpus_a[0]["output"]  # the seeds' first instances
+        assert (
+            "[round 1] done" in shown.getvalue()
+            and "evolve finished: 5 records, 1 rounds" in shown.getvalue()
+        )
+        server.clear()
+        # a run directory as INPUT (its corpus.jsonl), survivors only, stopped by --max-requests
+        second = config(
+            tmp_path / "a", tmp_path / "b", server, rounds=2, include_originals=False, max_requests=4
+        )
+        assert run_evolve(second, console=QUIET) == 0
+        assert len([r for r in server.completions() if r.json.get("max_tokens") != 1]) == 4
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["records"] == len(corpus_a) and summary["requests"] == 4
+    assert not summary["finished"] and summary["stop_reason"] == "max_requests"
+    assert lines(tmp_path / "b" / "corpus.jsonl") == [
+        {k: r[k] for k in ("instruction", "input", "output", "meta")}
+        for r in lines(tmp_path / "b" / "evolved.jsonl")
+    ]
+
+
 def test_command_line_errors_are_one_line(tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -387,6 +445,50 @@ def test_sigkill_mid_round_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert summary["finished"] and summary["sessions"] == sessions + 1
     assert summary["kept"] == len(lines(out / "evolved.jsonl"))
     assert summary["corpus_records"] == 34 + summary["kept"] == len(lines(out / "corpus.jsonl"))
+
+
+def generation_requests(server: FakeOpenAI) -> Counter[str]:
+    """The rewrite, judge and answer requests the server got (not a teacher's start-up check), by body."""
+    sent = server.completions("/chat/completions")
+    return Counter(json.dumps(r.json, sort_keys=True) for r in sent if r.json.get("max_tokens") != 1)
+
+
+def test_a_batch_running_when_killed_is_polled_again_and_never_paid_twice(tmp_path):
+    """`--batch-api`: kill -9 while the judge step's batch runs at the provider; the rerun polls that batch again
+    and its answers carry the attempts on, so the run asks exactly what an uninterrupted one asks."""
+    inp = corpus(tmp_path / "in.jsonl", plain=8, triggered=False)
+    out, log = tmp_path / "run", tmp_path / "run" / "batches.jsonl"
+    batch = {"batch_api": True, "batch_poll": 0.02}
+    with FakeOpenAI(responder=EvolveResponder(seed=1)) as server:
+        assert run_evolve(config(inp, tmp_path / "ref", server, teacher=batch, rounds=2), console=QUIET) == 0
+        asked = generation_requests(server)
+        server.clear()
+        created, server.batch_delay = server.batch_creations, 1.0  # a window to kill in
+        args = [
+            sys.executable, "-m", "selfinstruct.cli", "evolve", str(inp), "--out", str(out), "--rounds", "2",
+            "--model", "fake-model", "--base-url", server.url, "--api-key-env", "", "--batch-api",
+            "--batch-poll", "0.02",
+        ]  # fmt: skip
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        events: list[dict] = []
+        while (
+            len(events) < 5
+        ):  # prepared, submitted, finished (the rewrites), prepared, submitted (the judges)
+            assert proc.poll() is None, "the run ended before the kill"
+            time.sleep(0.005)
+            events = [json.loads(line) for line in complete_lines(log)]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert events[4]["event"] == "submitted" and len(lines(log)) == 5 and not lines(out / "evolved.jsonl")
+        server.batch_delay = 0.0
+        assert run_evolve(config(inp, out, server, teacher=batch, rounds=2), console=QUIET) == 0
+        again = generation_requests(server)
+    assert again == asked  # every request once: the judges' batch was polled again, not sent again
+    assert (out / "evolved.jsonl").read_text() == (tmp_path / "ref" / "evolved.jsonl").read_text()
+    assert outcomes(out).keys() == outcomes(tmp_path / "ref").keys()
+    labels = Counter((line["label"], line["event"]) for line in lines(log))
+    assert set(labels.values()) == {1} and {e for _, e in labels} == {"prepared", "submitted", "finished"}
+    assert server.batch_creations - created == sum(e == "submitted" for _, e in labels)
 
 
 # ---------------------------------------------------------------- stats
