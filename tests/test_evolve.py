@@ -23,6 +23,7 @@ from selfinstruct.evolve import (
     OPS,
     EvolveConfig,
     draw_op,
+    format_task,
     parse_evolved,
     parse_judge,
     run_evolve,
@@ -30,6 +31,7 @@ from selfinstruct.evolve import (
     stopwords_only,
 )
 from selfinstruct.filters import FilterConfig
+from selfinstruct.prompts import Prompts
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply, tiny_vllm_config
 from selfinstruct.testing.responders import SMALL_SEEDS, EvolveResponder, SignalOnFirstRequest
@@ -182,6 +184,17 @@ def test_novelty_is_checked_again_against_what_was_kept_while_in_flight(tmp_path
     with FakeOpenAI(responder=EvolveResponder(seed=1), latency=0.05) as server:
         cfg = config(inp, tmp_path / "run", server, teacher={"concurrency": 8}, rounds=1, ops=["deepen"])
         assert run_evolve(cfg, console=QUIET) == 0
+        sent = [r.json for r in server.completions() if r.json.get("max_tokens") != 1]
+    # structured output: the rewrite and the judge ask for their JSON schema, the answer is free text
+    schemas = [r.get("response_format", {}).get("json_schema", {}).get("schema", {}) for r in sent]
+    assert sorted(",".join(sorted(s.get("properties", {}))) for s in schemas) == [
+        "",
+        "",
+        "equal",
+        "equal",
+        "input,instruction",
+        "input,instruction",
+    ]
     (kept,) = lines(tmp_path / "run" / "evolved.jsonl")
     (rejected,) = lines(tmp_path / "run" / "rejected.jsonl")
     assert rejected["reason"] == "too_similar" and rejected["meta"]["step"] == "answer"  # after the answer
@@ -280,6 +293,21 @@ def test_base_model_and_plain_text_answers(tmp_path, mode):
     survivors = lines(tmp_path / "run" / "evolved.jsonl")
     assert len(survivors) >= 6  # most rewrites of plain tasks survive
     assert all(not r["instruction"].lower().startswith(("instruction", "here is")) for r in survivors)
+
+
+@pytest.mark.parametrize("style", ["chat", "completion"])
+def test_every_operation_has_its_own_template_in_both_styles(style):
+    prompts, task = Prompts(style), format_task("Name a colour.", "")
+    texts = {}
+    for op in (*OPS, "judge", "answer"):
+        values = {"task": task, "instruction": "Name a colour.", "input": "", "first": task, "second": task}
+        messages, prompt = prompts.get(f"evol_{op}").render(**values, prompt="Name a colour.")
+        assert (messages is None) == (style == "completion")
+        texts[op] = prompt if messages is None else "\n".join(m["content"] for m in messages)
+        assert "Name a colour." in texts[op], op
+        if style == "completion" and op in OPS:
+            assert texts[op].rstrip().endswith("Instruction:"), op  # a base model continues the rewrite
+    assert len(set(texts.values())) == len(texts)  # one wording per operation
 
 
 def test_parsers_and_answer_rules():
