@@ -173,6 +173,12 @@ def test_survivors_carry_provenance_and_corpus_holds_originals_plus_survivors(ev
     assert corpus_lines[: len(originals)] == originals
     assert [r["instruction"] for r in corpus_lines[len(originals) :]] == [r["instruction"] for r in survivors]
     assert all("id" not in r and r["meta"]["task_id"] for r in corpus_lines[len(originals) :])
+    # ready for `train` and `export`, which read a run directory's corpus.jsonl
+    from selfinstruct.export import load_source
+    from selfinstruct.train import load_corpus
+
+    assert len(load_corpus(str(evolved_run))[1]) == len(corpus_lines)
+    assert len(load_source(evolved_run).records) == len(corpus_lines)
 
 
 def test_novelty_is_checked_again_against_what_was_kept_while_in_flight(tmp_path):
