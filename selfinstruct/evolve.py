@@ -18,6 +18,10 @@ A survivor goes to `evolved.jsonl` and becomes the parent of the lineage's next 
 a record starts its next round as soon as its previous one is decided, so the teacher never idles at a round
 boundary. Exactly one line (survivor or rejection) is written per (lineage, round), and a lineage's next round
 starts only once that line is on disk, so state is derived from the two files after a crash or kill -9.
+
+A request's tag is plain data (lineage, round, step, and the rewrite being judged or answered), so a Batch API
+job (`--batch-api`) still running when the process died is polled again by the rerun and its answers carry the
+attempts on from where they were: nothing is paid twice.
 """
 
 from __future__ import annotations
@@ -267,6 +271,7 @@ class Lineage:
     parent: Node  # the latest survivor, the root until one survives
     ancestors: set[str]  # instructions of the root and every survivor: excluded from in-depth novelty checks
     next_round: int = 1
+    active: Attempt | None = None  # the attempt under way (queued or sent), one at a time
 
 
 @dataclass
@@ -283,10 +288,15 @@ class Attempt:
     nearest: list[tuple[str, float]] = field(default_factory=list)
     checked_at: int = 0  # texts kept this session before the novelty check
     failures: int = 0  # requests of this attempt that failed after all retries, this session
+    queued: int = 0  # its entry in the scheduling heap (0: not queued, its request is out)
 
     @property
     def id(self) -> str:
         return f"{self.lineage.root.id}.r{self.round}"
+
+    def tag(self) -> tuple[str, int, str, str, str, str]:
+        """What a request carries to find its attempt again, in this process or (a Batch API job) the next."""
+        return (self.lineage.root.id, self.round, self.step, self.op, self.instruction, self.input)
 
     def evol(self) -> dict[str, Any]:
         parent = self.lineage.parent
@@ -390,6 +400,8 @@ class Evolver(NeedsEveryAnswer):
         self.kept_out: list[dict[str, Any]] = []
         self.rejected_out: list[dict[str, Any]] = []
         self.decided: list[Lineage] = []  # lineages whose outcome this `handle` call writes
+        self.lineages = {lineage.root.id: lineage for lineage in lineages}
+        self.taken_over = False  # this `handle` call gave a resumed batch's answer to a queued attempt
         self._seq = 0
         for lineage in lineages:
             self._schedule(lineage)
@@ -397,13 +409,17 @@ class Evolver(NeedsEveryAnswer):
     # -- scheduling
     def _push(self, a: Attempt) -> None:
         self._seq += 1
+        a.queued = self._seq
         started = 0 if a.step != "evolve" else 1  # finish attempts under way before starting new ones
         heapq.heappush(self.heap, ((started, a.round, a.lineage.order), self._seq, a))
 
     def _schedule(self, lineage: Lineage) -> None:
         round_ = lineage.next_round
         if round_ <= self.cfg.rounds:
-            self._push(Attempt(lineage, round_, draw_op(self.cfg.seed, lineage.root.id, round_, self.ops)))
+            lineage.active = Attempt(
+                lineage, round_, draw_op(self.cfg.seed, lineage.root.id, round_, self.ops)
+            )
+            self._push(lineage.active)
 
     def _release(self, in_flight: int) -> None:
         """Schedule the next round of lineages whose outcome is on disk; wait for the disk only when idle."""
@@ -417,7 +433,11 @@ class Evolver(NeedsEveryAnswer):
         if not self.heap:
             return None
         n = self.ctx.can_send(in_flight)
-        batch = [self._request(heapq.heappop(self.heap)[2]) for _ in range(min(n, len(self.heap)))]
+        batch = []
+        for _ in range(min(n, len(self.heap))):
+            a = heapq.heappop(self.heap)[2]
+            a.queued = 0
+            batch.append(self._request(a))
         return batch or None
 
     def _request(self, a: Attempt) -> TeacherRequest:
@@ -449,15 +469,21 @@ class Evolver(NeedsEveryAnswer):
             extra = {} if ctx.chat else {"stop": ["\n### "]}
         messages, prompt_text = template.render(**values)
         sampling = ctx.sampling(a.step, (a.lineage.root.id, a.round, a.step), **extra)
-        return TeacherRequest(messages=messages, prompt=prompt_text, sampling=sampling, tag=a)
+        return TeacherRequest(messages=messages, prompt=prompt_text, sampling=sampling, tag=a.tag())
 
     # -- answers
     def handle(self, responses: list[TeacherResponse]) -> None:
         label = "evolve"
         for response in responses:
-            a: Attempt = response.request.tag
-            label = _round_label(a.round)
-            if not self.ctx.accept(label, response):
+            tag = response.request.tag
+            label = _round_label(tag[1])
+            if label not in self.ctx.stats:  # a resumed batch's round beyond a lowered --rounds
+                label = "evolve"
+            ok = self.ctx.accept(label, response)
+            a = self._attempt(tag, resume=ok)
+            if a is None:
+                continue  # a resumed batch's answer about an attempt already decided (or just eliminated)
+            if not ok:
                 a.failures += 1
                 if a.failures <= 1:
                     self._push(a)  # once more this session; after that the next run picks it up
@@ -466,6 +492,10 @@ class Evolver(NeedsEveryAnswer):
             text = choice.text if choice else ""
             truncated = choice is not None and choice.finish_reason == "length"
             getattr(self, f"_on_{a.step}")(a, text, truncated)
+        if self.taken_over:  # drop the heap entries of attempts a resumed batch's answers took over
+            self.heap = [entry for entry in self.heap if entry[2].queued == entry[1]]
+            heapq.heapify(self.heap)
+            self.taken_over = False
         self.journal.append(REJECTED, self.rejected_out)
         self.journal.append(EVOLVED, self.kept_out)
         mark = self.journal.mark()
@@ -473,30 +503,59 @@ class Evolver(NeedsEveryAnswer):
         self.kept_out, self.rejected_out, self.decided = [], [], []
         self.ctx.on_tick(label)
 
+    def _attempt(self, tag: Any, resume: bool) -> Attempt | None:
+        """The attempt an answer belongs to: the one whose request is out, or (`resume`: a batch sent by an
+        earlier process) the lineage's queued attempt of the same round, which takes the answer over at the
+        step it was for. None when no attempt waits for it."""
+        root_id, round_, step, op, instruction, input_ = tag
+        lineage = self.lineages.get(root_id)
+        a = lineage.active if lineage is not None else None
+        if a is None or a.round != round_:
+            return None
+        if not a.queued:
+            return a if a.step == step else None
+        if not resume:
+            return None
+        a.queued, a.step, a.op, a.instruction, a.input = 0, step, op, instruction, input_
+        self.taken_over = True
+        if step != "evolve" and (reason := self._screen(a)):  # checked again against today's pool
+            self._eliminate(a, reason)
+            return None
+        return a
+
     def _on_evolve(self, a: Attempt, text: str, truncated: bool) -> None:
-        parent = a.lineage.parent
         if truncated:
             return self._reject(a, "truncated", text[:RAW_TEXT_LIMIT])
-        default_input = "" if a.op == "breadth" else parent.input
+        default_input = "" if a.op == "breadth" else a.lineage.parent.input
         parsed = parse_evolved(text if self.ctx.chat else "Instruction:" + text, default_input)
         if parsed is None:
             return self._reject(a, "unparseable", text[:RAW_TEXT_LIMIT])
         a.instruction, a.input = parsed
+        if reason := self._screen(a):
+            return self._eliminate(a, reason)
+        self._next_step(a)
+
+    def _eliminate(self, a: Attempt, reason: str) -> None:
+        self._reject(a, reason, **({"judge": "copy"} if reason == EVOL_EQUAL else {}))  # no judge asked
+
+    def _screen(self, a: Attempt) -> str | None:
+        """Why a rewrite is eliminated before any further request (leak, copy, heuristics, duplicate, novelty)."""
+        parent = a.lineage.parent
         lowered = f"{a.instruction}\n{a.input}".lower()
         if any(phrase in lowered for phrase in self.leaks):
-            return self._reject(a, EVOL_PROMPT_LEAK)
+            return EVOL_PROMPT_LEAK
         if (
             normalize(a.instruction) == normalize(parent.instruction)
             and a.input.strip() == parent.input.strip()
         ):
-            return self._reject(a, EVOL_EQUAL, judge="copy")
+            return EVOL_EQUAL
         if reason := self.heuristics(a.instruction):
-            return self._reject(a, reason)
+            return reason
         if self.seen is not None and _record_key(a.instruction, a.input) in self.seen:
-            return self._reject(a, "duplicate")
+            return "duplicate"
         if not self._novel(a):
-            return self._reject(a, TOO_SIMILAR)
-        self._next_step(a)
+            return TOO_SIMILAR
+        return None
 
     def _on_judge(self, a: Attempt, text: str, truncated: bool) -> None:
         verdict = parse_judge(text)
@@ -557,7 +616,7 @@ class Evolver(NeedsEveryAnswer):
     def _done(self, a: Attempt, reason: str | None) -> None:
         self.tally.add(a.round, a.op, reason)
         self.ctx.stats[_round_label(a.round)].done += 1
-        a.lineage.next_round = a.round + 1
+        a.lineage.next_round, a.lineage.active = a.round + 1, None
         self.decided.append(a.lineage)
 
     def _reject(self, a: Attempt, reason: str, raw: str | None = None, **meta: Any) -> None:

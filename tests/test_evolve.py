@@ -5,6 +5,7 @@ up to let them reach the judge and the answer step; what is checked is the plumb
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import signal
@@ -22,6 +23,7 @@ from selfinstruct.evolve import (
     OPS,
     EvolveConfig,
     draw_op,
+    format_task,
     parse_evolved,
     parse_judge,
     run_evolve,
@@ -29,6 +31,7 @@ from selfinstruct.evolve import (
     stopwords_only,
 )
 from selfinstruct.filters import FilterConfig
+from selfinstruct.prompts import Prompts
 from selfinstruct.teachers import TeacherConfig
 from selfinstruct.testing import FakeOpenAI, Reply, tiny_vllm_config
 from selfinstruct.testing.responders import SMALL_SEEDS, EvolveResponder, SignalOnFirstRequest
@@ -170,6 +173,12 @@ def test_survivors_carry_provenance_and_corpus_holds_originals_plus_survivors(ev
     assert corpus_lines[: len(originals)] == originals
     assert [r["instruction"] for r in corpus_lines[len(originals) :]] == [r["instruction"] for r in survivors]
     assert all("id" not in r and r["meta"]["task_id"] for r in corpus_lines[len(originals) :])
+    # ready for `train` and `export`, which read a run directory's corpus.jsonl
+    from selfinstruct.export import load_source
+    from selfinstruct.train import load_corpus
+
+    assert len(load_corpus(str(evolved_run))[1]) == len(corpus_lines)
+    assert len(load_source(evolved_run).records) == len(corpus_lines)
 
 
 def test_novelty_is_checked_again_against_what_was_kept_while_in_flight(tmp_path):
@@ -181,6 +190,17 @@ def test_novelty_is_checked_again_against_what_was_kept_while_in_flight(tmp_path
     with FakeOpenAI(responder=EvolveResponder(seed=1), latency=0.05) as server:
         cfg = config(inp, tmp_path / "run", server, teacher={"concurrency": 8}, rounds=1, ops=["deepen"])
         assert run_evolve(cfg, console=QUIET) == 0
+        sent = [r.json for r in server.completions() if r.json.get("max_tokens") != 1]
+    # structured output: the rewrite and the judge ask for their JSON schema, the answer is free text
+    schemas = [r.get("response_format", {}).get("json_schema", {}).get("schema", {}) for r in sent]
+    assert sorted(",".join(sorted(s.get("properties", {}))) for s in schemas) == [
+        "",
+        "",
+        "equal",
+        "equal",
+        "input,instruction",
+        "input,instruction",
+    ]
     (kept,) = lines(tmp_path / "run" / "evolved.jsonl")
     (rejected,) = lines(tmp_path / "run" / "rejected.jsonl")
     assert rejected["reason"] == "too_similar" and rejected["meta"]["step"] == "answer"  # after the answer
@@ -281,6 +301,21 @@ def test_base_model_and_plain_text_answers(tmp_path, mode):
     assert all(not r["instruction"].lower().startswith(("instruction", "here is")) for r in survivors)
 
 
+@pytest.mark.parametrize("style", ["chat", "completion"])
+def test_every_operation_has_its_own_template_in_both_styles(style):
+    prompts, task = Prompts(style), format_task("Name a colour.", "")
+    texts = {}
+    for op in (*OPS, "judge", "answer"):
+        values = {"task": task, "instruction": "Name a colour.", "input": "", "first": task, "second": task}
+        messages, prompt = prompts.get(f"evol_{op}").render(**values, prompt="Name a colour.")
+        assert (messages is None) == (style == "completion")
+        texts[op] = prompt if messages is None else "\n".join(m["content"] for m in messages)
+        assert "Name a colour." in texts[op], op
+        if style == "completion" and op in OPS:
+            assert texts[op].rstrip().endswith("Instruction:"), op  # a base model continues the rewrite
+    assert len(set(texts.values())) == len(texts)  # one wording per operation
+
+
 def test_parsers_and_answer_rules():
     assert parse_evolved('{"instruction": " Do  X ", "input": "<noinput>"}', "keep") == ("Do X", "")
     assert parse_evolved('{"instruction": "Do X"}', "keep") == ("Do X", "keep")
@@ -302,6 +337,63 @@ def test_parsers_and_answer_rules():
     assert sorry_short("Sorry, I cannot do that.", 80) and not sorry_short("sorry " * 80, 80)
     assert not sorry_short("I am unable to help.", 80)
     assert stopwords_only("It is what it is!") and stopwords_only("") and not stopwords_only("It is 42.")
+
+
+def test_flags_defaults_and_the_shared_teacher_and_filters_tables(tmp_path):
+    from selfinstruct.cli import parse_command
+
+    _, cfg, _ = parse_command(["evolve", "in.jsonl"])
+    assert cfg.rounds == 4 and cfg.chosen_ops() == list(OPS) and cfg.answer and cfg.judge_equal == "teacher"
+    assert cfg.include_originals and cfg.max_records is None and cfg.seed == 0
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[teacher]\nmodel = "m"\nconcurrency = 7\n[filters]\nthreshold = 0.5\n[evolve]\nrounds = 2\n'
+    )
+    _, cfg, _ = parse_command(
+        [
+            "evolve", "in.jsonl", "--config", str(toml), "--ops", "complicate_input,breadth", "--no-answer",
+            "--judge-equal", "off", "--max-records", "3", "--seed", "9", "--max-requests", "10",
+            "--max-cost", "1.5", "--max-tokens", "900", "--no-include-originals",
+        ]
+    )  # fmt: skip
+    assert (cfg.teacher.model, cfg.teacher.concurrency, cfg.filters.threshold, cfg.rounds) == ("m", 7, 0.5, 2)
+    assert cfg.chosen_ops() == ["complicate_input", "breadth"] and not cfg.answer and cfg.judge_equal == "off"
+    assert (cfg.max_records, cfg.seed, cfg.max_requests, cfg.max_cost, cfg.max_tokens) == (3, 9, 10, 1.5, 900)
+    assert not cfg.include_originals
+
+
+def test_seed_file_and_run_directory_inputs_no_answer_max_records_and_a_budget(tmp_path):
+    seeds = Path(__file__).parents[1] / "seeds" / "seed_tasks.jsonl"  # the seed format: instances
+    with FakeOpenAI(responder=EvolveResponder(seed=1)) as server:
+        first = config(
+            seeds, tmp_path / "a", server, rounds=1, max_records=5, answer=False, judge_equal="off"
+        )
+        shown = io.StringIO()
+        assert run_evolve(first, console=Console(file=shown, width=200)) == 0
+        sent = [r.json for r in server.completions() if r.json.get("max_tokens") != 1]
+        assert len(sent) == 5  # --max-records 5, one rewrite each: no judge, no answer
+        survivors = lines(tmp_path / "a" / "evolved.jsonl")
+        assert survivors and all(r["output"] == "" for r in survivors)
+        corpus_a = lines(tmp_path / "a" / "corpus.jsonl")
+        assert len(corpus_a) == 5 + len(survivors) and corpus_a[0]["output"]  # the seeds' first instances
+        assert (
+            "[round 1] done" in shown.getvalue()
+            and "evolve finished: 5 records, 1 rounds" in shown.getvalue()
+        )
+        server.clear()
+        # a run directory as INPUT (its corpus.jsonl), survivors only, stopped by --max-requests
+        second = config(
+            tmp_path / "a", tmp_path / "b", server, rounds=2, include_originals=False, max_requests=4
+        )
+        assert run_evolve(second, console=QUIET) == 0
+        assert len([r for r in server.completions() if r.json.get("max_tokens") != 1]) == 4
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["records"] == len(corpus_a) and summary["requests"] == 4
+    assert not summary["finished"] and summary["stop_reason"] == "max_requests"
+    assert lines(tmp_path / "b" / "corpus.jsonl") == [
+        {k: r[k] for k in ("instruction", "input", "output", "meta")}
+        for r in lines(tmp_path / "b" / "evolved.jsonl")
+    ]
 
 
 def test_command_line_errors_are_one_line(tmp_path):
@@ -387,6 +479,50 @@ def test_sigkill_mid_round_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert summary["finished"] and summary["sessions"] == sessions + 1
     assert summary["kept"] == len(lines(out / "evolved.jsonl"))
     assert summary["corpus_records"] == 34 + summary["kept"] == len(lines(out / "corpus.jsonl"))
+
+
+def generation_requests(server: FakeOpenAI) -> Counter[str]:
+    """The rewrite, judge and answer requests the server got (not a teacher's start-up check), by body."""
+    sent = server.completions("/chat/completions")
+    return Counter(json.dumps(r.json, sort_keys=True) for r in sent if r.json.get("max_tokens") != 1)
+
+
+def test_a_batch_running_when_killed_is_polled_again_and_never_paid_twice(tmp_path):
+    """`--batch-api`: kill -9 while the judge step's batch runs at the provider; the rerun polls that batch again
+    and its answers carry the attempts on, so the run asks exactly what an uninterrupted one asks."""
+    inp = corpus(tmp_path / "in.jsonl", plain=8, triggered=False)
+    out, log = tmp_path / "run", tmp_path / "run" / "batches.jsonl"
+    batch = {"batch_api": True, "batch_poll": 0.02}
+    with FakeOpenAI(responder=EvolveResponder(seed=1)) as server:
+        assert run_evolve(config(inp, tmp_path / "ref", server, teacher=batch, rounds=2), console=QUIET) == 0
+        asked = generation_requests(server)
+        server.clear()
+        created, server.batch_delay = server.batch_creations, 1.0  # a window to kill in
+        args = [
+            sys.executable, "-m", "selfinstruct.cli", "evolve", str(inp), "--out", str(out), "--rounds", "2",
+            "--model", "fake-model", "--base-url", server.url, "--api-key-env", "", "--batch-api",
+            "--batch-poll", "0.02",
+        ]  # fmt: skip
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        events: list[dict] = []
+        while (
+            len(events) < 5
+        ):  # prepared, submitted, finished (the rewrites), prepared, submitted (the judges)
+            assert proc.poll() is None, "the run ended before the kill"
+            time.sleep(0.005)
+            events = [json.loads(line) for line in complete_lines(log)]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert events[4]["event"] == "submitted" and len(lines(log)) == 5 and not lines(out / "evolved.jsonl")
+        server.batch_delay = 0.0
+        assert run_evolve(config(inp, out, server, teacher=batch, rounds=2), console=QUIET) == 0
+        again = generation_requests(server)
+    assert again == asked  # every request once: the judges' batch was polled again, not sent again
+    assert (out / "evolved.jsonl").read_text() == (tmp_path / "ref" / "evolved.jsonl").read_text()
+    assert outcomes(out).keys() == outcomes(tmp_path / "ref").keys()
+    labels = Counter((line["label"], line["event"]) for line in lines(log))
+    assert set(labels.values()) == {1} and {e for _, e in labels} == {"prepared", "submitted", "finished"}
+    assert server.batch_creations - created == sum(e == "submitted" for _, e in labels)
 
 
 # ---------------------------------------------------------------- stats

@@ -89,8 +89,8 @@ class BatchLog:
 
 
 def _encode(request: TeacherRequest) -> str:
-    """One request as a line of the batch's request file. A tag that is not JSON (evolve's live attempt
-    objects) cannot be restored by another process: the line says so and a rerun drops its answer."""
+    """One request as a line of the batch's request file. A tag that is not JSON (a live object) cannot be
+    restored by another process: the line says so and a rerun drops its answer."""
     data = {
         "messages": request.messages,
         "prompt": request.prompt,

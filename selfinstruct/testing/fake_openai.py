@@ -158,6 +158,7 @@ class FakeOpenAI:
         self.requests: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.busy_s = 0.0  # seconds requests spent in the server, summed: ÷ a wall time = mean in flight
         self._script: collections.deque[Reply] = collections.deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -203,10 +204,12 @@ class FakeOpenAI:
             self._script.extend(r if isinstance(r, Reply) else Reply(text=r) for r in replies)
 
     def clear(self) -> None:
-        """Forget recorded requests and the in-flight high-water mark (e.g. after a client's start-up check)."""
+        """Forget recorded requests, the in-flight high-water mark and busy time (e.g. after a client's start-up
+        check)."""
         with self._lock:
             self.requests.clear()
             self.max_in_flight = self.in_flight
+            self.busy_s = 0.0
 
     def completions(self, path_suffix: str = "") -> list[Received]:
         """Recorded generation requests (not `/models`), optionally only those whose path ends with a suffix."""
@@ -516,9 +519,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, request: dict[str, Any]) -> None:
         fake = self.fake
         path = self.path.split("?", 1)[0]
+        received = time.monotonic()
         with fake._lock:
             headers = {k.lower(): v for k, v in self.headers.items()}
-            fake.requests.append(Received(path, request, headers, time.monotonic()))
+            fake.requests.append(Received(path, request, headers, received))
             fake.in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
         try:
@@ -530,6 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with fake._lock:
                 fake.in_flight -= 1
+                fake.busy_s += time.monotonic() - received
 
     def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         try:
