@@ -70,11 +70,11 @@ class Alpaca(Growing):
 
     def demos(self, shown: list[SeedTask]) -> list[Demo]:
         """One worked example from other seeds: a list of tasks and, as its answer, a few more in JSON."""
-        others = [s for s in self.seeds if s not in shown]
-        n_answer = min(DEMO_ANSWER, self.ctx.cfg.alpaca_new_tasks, len(others) - self.shown)
+        taken = {t.id for t in shown}
+        n_answer = min(DEMO_ANSWER, self.ctx.cfg.alpaca_new_tasks, len(self.seeds) - len(taken) - self.shown)
         if n_answer < 1:
             return []
-        picked = self.rng.sample(others, self.shown + n_answer)
+        picked = self.other_seeds(self.shown + n_answer, taken)
         answer = [
             {"instruction": t.instruction, "input": t.instances[0].input, "output": t.instances[0].output}
             for t in picked[self.shown :]

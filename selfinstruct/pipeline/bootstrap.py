@@ -73,13 +73,13 @@ class Bootstrap(Growing):
     def demos(self, shown: list[tuple[str, str, bool]]) -> list[Demo]:
         """One worked example from seeds not shown in this prompt: a shorter list and, as its answer,
         `new_per_prompt` other seed instructions in the JSON shape the parser reads."""
-        cfg, taken = self.ctx.cfg, {i for i, _, _ in shown}
-        others = [shown_text(s.instruction) for s in self.seeds if s.id not in taken]
-        n_list = min(DEMO_LIST, len(others) // 2)
-        n_answer = min(cfg.new_per_prompt, len(others) - n_list)
+        cfg, taken = self.ctx.cfg, {i for i, _, is_seed in shown if is_seed}
+        n_others = len(self.seeds) - len(taken)
+        n_list = min(DEMO_LIST, n_others // 2)
+        n_answer = min(cfg.new_per_prompt, n_others - n_list)
         if n_list < 1 or n_answer < 1:
             return []
-        picked = self.rng.sample(others, n_list + n_answer)
+        picked = [shown_text(s.instruction) for s in self.other_seeds(n_list + n_answer, taken)]
         answer = json.dumps({"instructions": picked[n_list:]}, ensure_ascii=False)
         return [Demo({"tasks": numbered(picked[:n_list]), "count": n_answer}, answer)]
 

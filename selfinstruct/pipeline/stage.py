@@ -505,6 +505,14 @@ class Growing(abc.ABC):
     def satisfied(self) -> bool:
         return self.keeper.count >= self.target
 
+    def other_seeds(self, k: int, taken: set[str]) -> list[SeedTask]:
+        """A uniform sample of up to `k` seeds whose id is not in `taken` (those the prompt already shows).
+
+        Drawing k + |taken| seeds and skipping the taken ones never lists every seed: a demo per request
+        stays O(k) with a pool of 50k seeds (listing them cost 130 ms per request there)."""
+        draw = self.rng.sample(self.seeds, min(len(self.seeds), k + len(taken)))
+        return [s for s in draw if s.id not in taken][:k]
+
     def abandoned(self, requests: list[TeacherRequest]) -> None:
         self.ctx.stats[self.stage].requests += len(requests)
 
