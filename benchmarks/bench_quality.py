@@ -42,8 +42,8 @@ from rich.console import Console
 from rich.table import Table
 
 from selfinstruct.cli import run as cli
+from selfinstruct.corpus import load_seed_tasks
 from selfinstruct.generate import GenerateConfig, _identity
-from selfinstruct.seeds import load_seed_tasks
 from selfinstruct.store import read_jsonl
 
 console = Console(highlight=False)

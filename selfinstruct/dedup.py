@@ -43,10 +43,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from selfinstruct.config import Section
+from selfinstruct.corpus import load_corpus_rows
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import KEPT, REJECTED, SUMMARY, CurationRejection
-from selfinstruct.seeds import load_corpus_rows
 from selfinstruct.store import RunDir, existing_outputs
 
 Method = Literal["exact", "minhash", "semantic"]

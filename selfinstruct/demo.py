@@ -26,9 +26,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from selfinstruct.corpus import load_seed_tasks, seed_corpus
 from selfinstruct.models import resolve_model
 from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, KEPT, REJECTED, SUMMARY
-from selfinstruct.seeds import load_seed_tasks, seed_corpus
 
 HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 OFFLINE_MODEL = "smollm2-135m-instruct"

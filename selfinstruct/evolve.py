@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.text import Text
 
 from selfinstruct.config import Section, save_config
+from selfinstruct.corpus import load_alpaca, load_corpus_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, FilterConfig, novelty_index
 from selfinstruct.filters.heuristics import build_heuristics, normalize
@@ -57,7 +58,6 @@ from selfinstruct.pipeline.stage import RAW_TEXT_LIMIT, RunContext, StageStats, 
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import CONFIG, CORPUS, REJECTED, STATE, SUMMARY
-from selfinstruct.seeds import load_alpaca, load_corpus_any
 from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from selfinstruct.config import Section, optional, save_config
+from selfinstruct.corpus import load_tasks_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
 from selfinstruct.pipeline.registry import (
@@ -38,7 +39,6 @@ from selfinstruct.pipeline.session import exit_code, teacher_session
 from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, StageStats
 from selfinstruct.prompts import Prompts
 from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, JOURNALED, REJECTED, STATE, SUMMARY, Summary
-from selfinstruct.seeds import load_tasks_any
 from selfinstruct.shard import ShardSpec, shard_field
 from selfinstruct.store import RunDir, atomic_write_json, read_jsonl
 from selfinstruct.teachers import Teacher, TeacherConfig, make_teacher

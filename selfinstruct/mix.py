@@ -26,9 +26,9 @@ from typing import Any
 from pydantic import Field
 
 from selfinstruct.config import Section
+from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import UserError
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_corpus_any
 from selfinstruct.store import atomic_write_text, existing_outputs
 from selfinstruct.templatize import to_jsonl
 

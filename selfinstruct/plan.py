@@ -190,9 +190,9 @@ def _seconds(
 
 def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[str, Any]:
     """The plan of `selfinstruct generate` with `cfg` (a `GenerateConfig`), as a JSON-ready dict."""
+    from selfinstruct.corpus import load_tasks_any
     from selfinstruct.pipeline.registry import resolve_decoding
     from selfinstruct.rundir import CLASSIFICATION, INSTANCES, INSTRUCTIONS
-    from selfinstruct.seeds import load_tasks_any
 
     seeds = load_tasks_any(cfg.seeds)
     out = Path(cfg.out)

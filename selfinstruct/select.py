@@ -56,11 +56,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from selfinstruct.config import Section, optional
+from selfinstruct.corpus import load_corpus_rows
 from selfinstruct.dedup import SemanticIndex, known_fields, record_text
 from selfinstruct.errors import UserError
 from selfinstruct.pipeline.runner import NeedsEveryAnswer
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_corpus_rows
 from selfinstruct.shard import Shard, ShardSpec, shard_field
 from selfinstruct.store import JsonlWriter, RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from selfinstruct.teachers.config import TeacherConfig

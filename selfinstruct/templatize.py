@@ -42,10 +42,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct.config import Section
+from selfinstruct.corpus import read_json_records
 from selfinstruct.errors import UserError
 from selfinstruct.prompts import PROMPT_DIR
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import read_json_records
 from selfinstruct.store import atomic_write_text, existing_outputs
 
 FLAN_DIR = PROMPT_DIR / "flan"

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from selfinstruct.corpus import load_alpaca
 from selfinstruct.errors import UserError
 from selfinstruct.evaluate import (
     EvaluateConfig,
@@ -27,7 +28,6 @@ from selfinstruct.evaluate import (
 )
 from selfinstruct.models import resolve_model
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_alpaca
 from selfinstruct.split import SplitConfig, split, split_records
 
 # ---------------------------------------------------------------- metrics

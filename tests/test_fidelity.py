@@ -344,8 +344,8 @@ def test_item6_prompts_show_instructions_as_the_reference_normalises_them(tmp_pa
         assert "Write a haiku about the first snow. Keep the 5-7-5 syllable pattern." in prompt
         assert "Name three things that float\n" in prompt
 
+    from selfinstruct.corpus import load_seed_tasks
     from selfinstruct.pipeline.alpaca import format_task
-    from selfinstruct.seeds import load_seed_tasks
 
     shown = format_task(4, load_seed_tasks(seeds)[2])
     assert shown.startswith("4. Instruction: Rewrite the sentence in the passive voice\n4. Input:\n")
@@ -355,7 +355,7 @@ def test_item6_prompts_show_instructions_as_the_reference_normalises_them(tmp_pa
 
 
 def test_item7_unlabelled_seeds_borrow_the_projects_labelled_examples(tmp_path):
-    from selfinstruct.seeds import load_tasks_any
+    from selfinstruct.corpus import load_tasks_any
 
     alpaca = [{"instruction": t["instruction"], **t["instances"][0]} for t in small_seed_tasks()]
     seeds = tmp_path / "alpaca.json"
@@ -375,9 +375,10 @@ def test_item7_unlabelled_seeds_borrow_the_projects_labelled_examples(tmp_path):
     # the worked examples (assistant turns) answer both ways
     assert classify and all({"Yes", "No"} <= answers for answers in classify)
 
+    from selfinstruct.corpus import load_seed_tasks
     from selfinstruct.pipeline.classify import labelled_seeds
     from selfinstruct.pipeline.instances import few_shot
-    from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
+    from selfinstruct.seeds import PROJECT_SEEDS
 
     assert PROJECT_SEEDS.is_file() and any(t.is_classification for t in load_seed_tasks(PROJECT_SEEDS))
     output_first = few_shot(labelled_seeds(load_tasks_any(seeds)), True, 0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from selfinstruct import cli
-from selfinstruct.seeds import load_corpus_any
+from selfinstruct.corpus import load_corpus_any
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "seeds" / "flan_examples"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from selfinstruct.corpus import load_tasks_any
 from selfinstruct.filters import CandidateFilter
 from selfinstruct.generate import GenerateConfig, run_generate
-from selfinstruct.seeds import load_tasks_any
 from selfinstruct.teachers import TeacherConfig, make_teacher
 
 pytestmark = pytest.mark.vllm

@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from selfinstruct import cli
+from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import UserError
 from selfinstruct.mix import MixConfig, Source, allocate, mix, mix_records, parse_source
 from selfinstruct.records import CorpusRecord
-from selfinstruct.seeds import load_corpus_any
 
 
 def _corpus(path: Path, tasks: dict[str, int]) -> Path:

@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfinstruct.errors import InputFileError
-from selfinstruct.filters.heuristics import FilterConfig, build_heuristics
-from selfinstruct.filters.rouge import NoveltyIndex
-from selfinstruct.seeds import (
+from selfinstruct.corpus import (
     load_alpaca,
     load_corpus_any,
     load_seed_tasks,
@@ -21,6 +18,9 @@ from selfinstruct.seeds import (
     read_json_records,
     seed_corpus,
 )
+from selfinstruct.errors import InputFileError
+from selfinstruct.filters.heuristics import FilterConfig, build_heuristics
+from selfinstruct.filters.rouge import NoveltyIndex
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from selfinstruct import cli
+from selfinstruct.corpus import load_corpus_any
 from selfinstruct.errors import UserError
-from selfinstruct.seeds import load_corpus_any
 from selfinstruct.templatize import (
     FLAN_DIR,
     TemplatizeConfig,

@@ -64,7 +64,7 @@ def config(corpus: Path, model: Path, out: Path, **kw) -> TrainConfig:
 def test_labels_are_masked_exactly_on_prompt_and_padding(template, corpus, tiny_model_dir, tmp_path):
     trainer, cfg, n_train, _ = build_trainer(config(corpus, tiny_model_dir, tmp_path, template=template))
     tok = trainer.processing_class
-    from selfinstruct.seeds import load_alpaca
+    from selfinstruct.corpus import load_alpaca
 
     records = load_alpaca(corpus)
     assert n_train == len(records) == len(trainer.train_dataset)

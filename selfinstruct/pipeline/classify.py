@@ -30,13 +30,14 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from selfinstruct.corpus import load_seed_tasks
 from selfinstruct.errors import UserError
 from selfinstruct.parsing import CLASSIFY_SCHEMA, parse_yes_no, shown
 from selfinstruct.pipeline.stage import PerInstruction, RunContext, Stage, TemplateVars
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
 from selfinstruct.rundir import CLASSIFICATION, REJECTED, ClassificationRecord
-from selfinstruct.seeds import PROJECT_SEEDS, load_seed_tasks
+from selfinstruct.seeds import PROJECT_SEEDS
 from selfinstruct.teachers.base import TeacherRequest, TeacherResponse
 
 EXAMPLES_PER_CLASS = 6
