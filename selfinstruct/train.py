@@ -72,8 +72,8 @@ class TrainConfig(Section):
     )
     ref_model: str | None = Field(
         None,
-        description="dpo: the reference model, named as --model (default: --model itself; with LoRA, the "
-        "base with the adapter switched off, so no second copy is loaded)",
+        description="dpo: the reference model, named as --model, with the same tokenizer (default: --model "
+        "itself; with LoRA, the base with the adapter switched off, so no second copy is loaded)",
     )
     model: str | None = Field(
         None,
@@ -130,7 +130,8 @@ class TrainConfig(Section):
     max_length: int = Field(
         512,
         gt=0,
-        description="tokens per sample or packed row (longer Alpaca samples are cut, conversations split between turns)",
+        description="tokens per sample or packed row (longer Alpaca samples are cut, conversations split between "
+        "turns); dpo: prompt plus answer (the answer is cut, a pair whose prompt fills it is dropped)",
     )
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="fraction of tasks held out (all their records) for eval loss"
