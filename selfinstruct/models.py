@@ -115,7 +115,7 @@ def resolve_model(spec: str, flag: str = "--model", *, trust_remote_code: bool =
     return spec
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
@@ -126,7 +126,7 @@ def _probe_hub(spec: str, flag: str, trust_remote_code: bool) -> None:
     try:
         AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {spec}: cannot load ({_first_line(e)})") from None
+        raise UserError(f"{flag} {spec}: cannot load ({first_line(e)})") from None
 
 
 def builtin_gguf(name: str) -> Path:
@@ -220,7 +220,7 @@ def _write_converted(gguf: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, OSError, KeyError, NotImplementedError, RuntimeError, ImportError) as e:
         # unsupported architecture or quantisation type, not a GGUF file, a truncated file, gguf too old, ...
-        raise UserError(f"{gguf}: cannot convert this GGUF file ({_first_line(e)})") from None
+        raise UserError(f"{gguf}: cannot convert this GGUF file ({first_line(e)})") from None
     # A GGUF-loaded model keeps its quantizer attached, and save_pretrained refuses to save such a model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -295,7 +295,7 @@ def merge_adapter(
             merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:  # mismatched base, unreadable weights
             raise UserError(
-                f"{adapter}: cannot merge this LoRA adapter into {base} ({_first_line(e)})"
+                f"{adapter}: cannot merge this LoRA adapter into {base} ({first_line(e)})"
             ) from None
         merged.save_pretrained(tmp)
         has_tokenizer = (adapter / "tokenizer_config.json").is_file()

@@ -48,7 +48,7 @@ from selfinstruct.config import Section, save_config
 from selfinstruct.corpus import load_corpus_any, read_json_records, read_rows
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.evaluate import task_of
-from selfinstruct.models import merge_adapter, resolve_model, torch_dtype
+from selfinstruct.models import first_line, merge_adapter, resolve_model, torch_dtype
 from selfinstruct.prompts import read_template
 from selfinstruct.records import CorpusRecord
 from selfinstruct.store import atomic_write_json
@@ -72,8 +72,8 @@ class TrainConfig(Section):
     )
     ref_model: str | None = Field(
         None,
-        description="dpo: the reference model, named as --model (default: --model itself; with LoRA, the "
-        "base with the adapter switched off, so no second copy is loaded)",
+        description="dpo: the reference model, named as --model, with the same tokenizer (default: --model "
+        "itself; with LoRA, the base with the adapter switched off, so no second copy is loaded)",
     )
     model: str | None = Field(
         None,
@@ -130,7 +130,8 @@ class TrainConfig(Section):
     max_length: int = Field(
         512,
         gt=0,
-        description="tokens per sample or packed row (longer Alpaca samples are cut, conversations split between turns)",
+        description="tokens per sample or packed row (longer Alpaca samples are cut, conversations split between "
+        "turns); dpo: prompt plus answer (the answer is cut, a pair whose prompt fills it is dropped)",
     )
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="fraction of tasks held out (all their records) for eval loss"
@@ -392,10 +393,22 @@ def _check_options(cfg: TrainConfig, cuda: bool) -> None:
     for name in ("data", "model", "out"):
         if not getattr(cfg, name):
             raise UserError(f"train needs --{name}")
-    if cfg.qlora and not cuda:
-        raise UserError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit)")
-    if cfg.qlora and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("QLoRA needs the bitsandbytes package (pip install bitsandbytes)")
+    if cfg.qlora:  # checked before any data or weights are read: 4-bit loading fails late and obscurely
+        missing = [
+            *([] if cuda else ["a CUDA GPU (none is visible)"]),
+            *(
+                []
+                if importlib.util.find_spec("bitsandbytes")
+                else ["the bitsandbytes package (pip install bitsandbytes)"]
+            ),
+        ]
+        if missing:
+            raise UserError(
+                f"--qlora needs {' and '.join(missing)} for its 4-bit base; --lora trains the same adapter "
+                "without them"
+            )
+    if cfg.ref_model and cfg.method != "dpo":
+        raise UserError("--ref-model applies to --method dpo only")
     if cfg.merge and not (cfg.lora or cfg.qlora):
         raise UserError("--merge only applies to --lora or --qlora (a full fine-tune is already merged)")
     if cfg.precision in ("bf16", "fp16") and not cuda:
@@ -415,8 +428,7 @@ def _load_tokenizer(cfg: TrainConfig) -> tuple[str, Any]:
     try:
         return path, AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {cfg.model}: cannot load ({first})") from None
+        raise UserError(f"--model {cfg.model}: cannot load ({first_line(e)})") from None
 
 
 _ANSWER_MARK = "SELFINSTRUCTANSWERMARK"
@@ -523,7 +535,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
             quantization_config=quantization,
         )
     except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
-        raise UserError(f"--model {cfg.model}: cannot load ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"--model {cfg.model}: cannot load ({first_line(e)})") from None
     if cfg.packing:
         implementation = trainer.model.config._attn_implementation or "eager"
         if not _varlen_attention(implementation):
@@ -668,6 +680,7 @@ def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
         raise UserError("--packing applies to --method sft only")
     data_path, pairs = load_prefs(str(cfg.data))
     model_path, tokenizer = _load_tokenizer(cfg)
+    ref_path = _ref_model_path(cfg, tokenizer) if cfg.ref_model else None
     peft = cfg.lora or cfg.qlora
     # TRL's dpo script: 5e-7 for a full fine-tune, 5e-6 with LoRA (an adapter starts from zero)
     cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate or (5e-6 if peft else 5e-7)})
@@ -684,12 +697,15 @@ def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
 
     model_kwargs, quantization, peft_config = _model_options(cfg)
     ref_model = None
-    if cfg.ref_model:
+    if ref_path:
         from transformers import AutoModelForCausalLM
 
-        ref_path = resolve_model(cfg.ref_model, "--ref-model", trust_remote_code=cfg.trust_remote_code)
+        # loaded like the policy (dtype, attention, 4-bit for QLoRA); TRL then uses it even with an adapter
         ref_kwargs = {**model_kwargs, **({"quantization_config": quantization} if quantization else {})}
-        ref_model = AutoModelForCausalLM.from_pretrained(ref_path, **ref_kwargs)
+        try:
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_path, **ref_kwargs)
+        except (ImportError, OSError, ValueError) as e:
+            raise UserError(f"--ref-model {cfg.ref_model}: cannot load ({first_line(e)})") from None
     args = DPOConfig(
         **_trainer_args(cfg, bool(eval_rows), cuda, model_kwargs),
         beta=cfg.beta,
@@ -706,13 +722,49 @@ def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
             quantization_config=quantization,
         )
     except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
-        raise UserError(f"--model {cfg.model}: cannot load ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"--model {cfg.model}: cannot load ({first_line(e)})") from None
     _mirror_eos(trainer.model, tokenizer)
+    n_train, n_eval = _kept_pairs(trainer, cfg, len(train_rows), len(eval_rows))
     if trainer.is_world_process_zero():
-        print(
-            f"DPO on {len(train_rows)} preference pairs from {data_path} ({len(eval_rows)} held out for eval)"
+        print(f"DPO on {n_train} preference pairs from {data_path} ({n_eval} held out for eval)")
+    return trainer, cfg, n_train, n_eval
+
+
+def _ref_model_path(cfg: TrainConfig, tokenizer: Any) -> str:
+    """Resolve `--ref-model` (any name `--model` accepts) before weights are loaded, and refuse a reference
+    whose tokenizer differs from the policy's: DPO compares both models' log-probabilities of the same token
+    ids, which only mean the same text under the same vocabulary."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(str(cfg.ref_model), "--ref-model", trust_remote_code=cfg.trust_remote_code)
+    try:
+        ref_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--ref-model {cfg.ref_model}: cannot load its tokenizer ({first_line(e)})") from None
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"--ref-model {cfg.ref_model}: its tokenizer differs from that of --model {cfg.model} (the reference "
+            "must score the same tokens: use the model the policy was tuned from)"
         )
-    return trainer, cfg, len(train_rows), len(eval_rows)
+    return path
+
+
+def _kept_pairs(trainer: Any, cfg: TrainConfig, n_train: int, n_eval: int) -> tuple[int, int]:
+    """Pairs left after TRL's tokenization: DPO (TRL >= 1) has one `max_length` for prompt plus answer, cuts
+    the answer's end, and drops a pair whose prompt alone fills it. Returns (#train, #eval); refuses a split
+    that lost every pair, and says how many were dropped."""
+    kept_train = len(trainer.train_dataset)
+    kept_eval = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    dropped = n_train - kept_train + n_eval - kept_eval
+    if kept_train == 0 or (n_eval and kept_eval == 0):
+        split = "training" if kept_train == 0 else "eval"
+        raise UserError(
+            f"--max-length {cfg.max_length}: every {split} pair's prompt fills it, so no {split} pair is left "
+            "(raise --max-length)"
+        )
+    if dropped and trainer.is_world_process_zero():
+        print(f"{dropped} pairs dropped: their prompt alone fills --max-length {cfg.max_length}")
+    return kept_train, kept_eval
 
 
 # ---------------------------------------------------------------- run

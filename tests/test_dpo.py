@@ -1,20 +1,24 @@
 """`train --method dpo` and `evaluate --prefs`: a learning test that can fail (DPO on a synthetic preference task
 whose chosen answer is checkably correct must raise held-out preference accuracy far above its base), the
-LoRA path with TRL's implicit reference, and bad preference files."""
+LoRA path with TRL's implicit reference, an explicit `--ref-model` (full and LoRA), pairs cut by
+`--max-length`, QLoRA without CUDA, and bad preference files or reference models."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import random
 from pathlib import Path
 
 import pytest
 
+from selfinstruct import cli
 from selfinstruct.config import load_toml
 from selfinstruct.errors import UserError
 from selfinstruct.evaluate import EvaluateConfig, evaluate
 from selfinstruct.tinymodel import build_tiny_model
-from selfinstruct.train import TrainConfig, load_prefs, train
+from selfinstruct.train import TrainConfig, build_dpo_trainer, load_prefs, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -125,3 +129,136 @@ def test_bad_preference_files_name_the_line(tmp_path):
         load_prefs(str(tmp_path))
     with pytest.raises(UserError, match="--packing applies to --method sft only"):
         train(TrainConfig(method="dpo", data=str(bad), model="m", out=str(tmp_path / "o"), packing=True))
+
+
+def one_step(tmp_path: Path, model: Path, pairs: Path, name: str, **options) -> float:
+    """The loss of one DPO step, logged from the forward pass before the update: the policy as it starts."""
+    result = train(
+        TrainConfig(
+            method="dpo",
+            data=str(pairs),
+            model=str(model),
+            out=str(tmp_path / name),
+            batch_size=4,
+            grad_accum=1,
+            max_steps=1,
+            logging_steps=1,
+            save_steps=10_000,
+            **options,
+        )
+    )
+    assert result.global_step == 1 and result.train_loss is not None
+    return result.train_loss
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_explicit_reference_model_is_the_one_scored_against(tmp_path, tiny_model_dir, lora):
+    """At step 1 the policy is its starting model. Against the implicit reference (that same model, or with LoRA
+    the base with the new adapter off) every log-ratio is 0 and the sigmoid loss is exactly ln 2; against a
+    different `--ref-model` it is not, so that model, and not the implicit one, is the reference (with LoRA TRL
+    keeps the explicit model instead of switching the adapter off)."""
+    rng = random.Random(2)
+    pairs = write(tmp_path / "prefs.jsonl", [number_pair(rng, list(range(10, 100))) for _ in range(8)])
+    other = build_tiny_model(tmp_path / "other", seed=1)  # same tokenizer, other random weights
+    implicit = one_step(tmp_path, tiny_model_dir, pairs, "implicit", lora=lora)
+    explicit = one_step(tmp_path, tiny_model_dir, pairs, "explicit", lora=lora, ref_model=str(other))
+    print(
+        f"step-1 DPO loss ({'lora' if lora else 'full'}): implicit ref {implicit:.6f}, --ref-model {explicit:.6f}"
+    )
+    assert implicit == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(explicit - math.log(2)) > 1e-2
+
+
+def test_explicit_reference_holds_the_given_weights(tmp_path, tiny_model_dir):
+    rng = random.Random(3)
+    pairs = write(tmp_path / "prefs.jsonl", [number_pair(rng, list(range(10, 100))) for _ in range(4)])
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    trainer, cfg, _, _ = build_dpo_trainer(
+        TrainConfig(
+            method="dpo",
+            data=str(pairs),
+            model=str(tiny_model_dir),
+            out=str(tmp_path / "o"),
+            ref_model=str(other),
+        )
+    )
+    from safetensors.torch import load_file
+
+    saved = load_file(str(other / "model.safetensors"))
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model).state_dict()
+    policy = trainer.model.state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert all(ref[k].equal(v) for k, v in saved.items())
+    assert not policy[name].equal(ref[name])  # the policy is --model, the reference is not
+    assert cfg.ref_model == str(other)
+
+
+def test_pairs_whose_prompt_fills_max_length_are_dropped_and_counted(tmp_path, tiny_model_dir):
+    """TRL (>= 1) has no separate prompt length: a pair whose prompt alone reaches `--max-length` is dropped.
+    The counts we report are the pairs that remain, and a split left empty is refused."""
+    rng = random.Random(4)
+    rows = [number_pair(rng, list(range(10, 100))) for _ in range(12)]
+    for row in rows[:5]:
+        row["prompt"][0]["content"] += " Please think about it carefully." * 20
+    pairs = write(tmp_path / "prefs.jsonl", rows)
+    options = {
+        "method": "dpo",
+        "model": str(tiny_model_dir),
+        "batch_size": 4,
+        "grad_accum": 1,
+        "max_length": 48,
+    }
+    _, _, n_train, n_eval = build_dpo_trainer(
+        TrainConfig(data=str(pairs), out=str(tmp_path / "a"), **options)
+    )
+    assert (n_train, n_eval) == (7, 0)
+    long_only = write(tmp_path / "long.jsonl", rows[:5])
+    with pytest.raises(UserError, match=r"--max-length 48: every training pair's prompt fills it"):
+        build_dpo_trainer(TrainConfig(data=str(long_only), out=str(tmp_path / "b"), **options))
+
+
+def run_main(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_bad_reference_models_are_one_line_exit_2(capsys, tmp_path, tiny_model_dir):
+    rng = random.Random(5)
+    pairs = str(write(tmp_path / "prefs.jsonl", [number_pair(rng, list(range(10, 100))) for _ in range(4)]))
+    other_vocab = build_tiny_model(tmp_path / "other-vocab", vocab_size=300)
+    capsys.readouterr()  # its progress bars
+    dpo = ["--method", "dpo", "--data", pairs, "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]
+    cases = [
+        (
+            [*dpo, "--ref-model", str(tmp_path / "nope")],
+            "--ref-model " + str(tmp_path / "nope") + ": no such",
+        ),
+        ([*dpo, "--ref-model", str(tmp_path)], "--ref-model " + str(tmp_path) + ": neither a model"),
+        ([*dpo, "--ref-model", str(other_vocab), "--lora"], "its tokenizer differs from that of --model"),
+        ([*dpo[2:], "--ref-model", str(tiny_model_dir)], "--ref-model applies to --method dpo only"),
+    ]
+    for args, message in cases:
+        assert message in run_main(capsys, *args), args
+
+
+def test_qlora_without_cuda_fails_before_loading_anything(capsys, tmp_path):
+    """SFT and DPO alike: the data and model named here do not even exist, so the error can only come first."""
+    import torch
+
+    missing = [
+        *([] if torch.cuda.is_available() else ["a CUDA GPU"]),
+        *([] if importlib.util.find_spec("bitsandbytes") else ["the bitsandbytes package"]),
+    ]
+    if not missing:
+        pytest.skip("this machine can run QLoRA")
+    for method in ("sft", "dpo"):
+        err = run_main(
+            capsys,
+            *("--method", method, "--qlora", "--data", str(tmp_path / "none.jsonl")),
+            *("--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")),
+        )
+        assert "--qlora needs" in err and all(m in err for m in missing), err

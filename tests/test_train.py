@@ -327,7 +327,7 @@ def test_bad_inputs_are_one_line_exit_2(capsys, corpus, tiny_model_dir, tmp_path
         (["--data", str(tmp_path), "--model", model, "--out", out], "no corpus.jsonl in this run directory"),
         (["--data", str(corpus), "--model", str(tmp_path / "nope"), "--out", out], "nope: no such directory"),
         (["--data", str(corpus), "--model", str(tmp_path), "--out", out], "no config.json in that directory"),
-        (["--data", str(corpus), "--model", model, "--out", out, "--qlora"], "QLoRA needs a CUDA GPU"),
+        (["--data", str(corpus), "--model", model, "--out", out, "--qlora"], "--qlora needs a CUDA GPU"),
         (
             ["--data", str(corpus), "--model", model, "--out", out, "--merge"],
             "--merge only applies to --lora",
