@@ -293,7 +293,7 @@ class Monitor:
         if now - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = now
             self.ctx.journal.snapshot(SUMMARY, self.summary(final=False))
-            self.ctx.journal.snapshot(STATE, self.state_snapshot())
+            self.save_state()
 
     def _draw(self, stage: str, now: float) -> None:
         s = self.ctx.stats[stage]
@@ -338,6 +338,10 @@ class Monitor:
         """What a stage's progress counts: kept instructions (a growing stage) or items done."""
         grows = stage in STAGES and STAGES[stage].grows
         return "kept" if grows else "done"
+
+    def save_state(self) -> None:
+        """Write state.json now (a stage cached something in it), after every record journaled so far."""
+        self.ctx.journal.snapshot(STATE, self.state_snapshot())
 
     def state_snapshot(self) -> dict[str, Any]:
         usage = self.ctx.budget.total()
@@ -461,9 +465,10 @@ def run_generate(
             decoding=resolve_decoding(cfg),
             stats=_initial_stats(run, cfg),
             pipeline=pipeline(cfg.pipeline),
+            state=state,
         )
         monitor = Monitor(ctx, state, console)
-        ctx.on_tick = monitor.tick
+        ctx.on_tick, ctx.save_state = monitor.tick, monitor.save_state
         try:
             with monitor:
                 asyncio.run(_session(ctx, stages, own_teacher, console))
