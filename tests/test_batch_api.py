@@ -54,8 +54,7 @@ def test_batch_run_matches_a_direct_run_at_half_the_price(seeds: Path, tmp_path:
             (tmp_path / name).mkdir()
             for f in ("instructions.jsonl", "state.json"):
                 (tmp_path / name / f).write_bytes((tmp_path / "base" / f).read_bytes())
-        # written labels: every request of both stages goes in a batch (logprob scoring's 3 calibration
-        # requests go direct, see the next test)
+        # written labels: every request of both stages goes in a batch (logprob scoring: the next test)
         stages = {"stages": ["classify", "instances", "finetune"], "classify_scoring": "label"}
         run_generate(config(seeds, tmp_path / "batch", server, **stages))
         assert server.batch_creations == 2  # one per stage

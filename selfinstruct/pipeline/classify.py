@@ -33,6 +33,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from selfinstruct.errors import UserError
@@ -227,8 +228,9 @@ class Classify(PerInstruction):
 
 
 def calibration_fingerprint(model: str, requests: list[TeacherRequest]) -> str:
-    """What the content-free scores depend on: the model and the exact requests (prompt, examples, decoding)."""
-    data = [model, *([r.messages, r.prompt, str(r.sampling)] for r in requests)]
+    """What the content-free scores depend on: the model and the exact requests (prompt, examples, decoding;
+    not the per-request seed, which greedy decoding ignores and which depends on the backend)."""
+    data = [model, *([r.messages, r.prompt, {**asdict(r.sampling), "seed": None}] for r in requests)]
     return hashlib.blake2b(json.dumps(data).encode(), digest_size=8).hexdigest()
 
 
