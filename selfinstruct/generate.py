@@ -21,21 +21,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from selfinstruct.config import Section, optional, save_config
+from selfinstruct.config import Section, add_field, optional, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
 from selfinstruct.pipeline.registry import (
     CORPUS_STAGE,
     PIPELINES,
     STAGES,
+    decoding_field,
     decoding_fields,
+    on_register,
     pipeline,
     resolve_decoding,
     run_pipeline,
 )
 from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.pipeline.session import exit_code, teacher_session
-from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, StageStats
+from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, Stage, StageStats
 from selfinstruct.prompts import Prompts
 from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, JOURNALED, REJECTED, STATE, SUMMARY, Summary
 from selfinstruct.seeds import load_tasks_any
@@ -47,7 +49,8 @@ SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
 
 
-_StageDecoding = create_model("_StageDecoding", __base__=Section, **decoding_fields())
+_STAGE_TABLES = decoding_fields()
+_StageDecoding = create_model("_StageDecoding", __base__=Section, **_STAGE_TABLES)
 """One `[generate.<stage>]` table (flags `--<stage>-temperature` …) per registered teacher stage."""
 
 
@@ -170,12 +173,26 @@ class GenerateConfig(_StageDecoding):
         return [s for s in PIPELINES[self.pipeline] if not self.stages or s in self.stages]
 
     def decoding_overrides(self, stage: str) -> dict[str, Any]:
-        """The decoding values set in `[generate.<stage>]` or by `--<stage>-…` flags (none for a stage
-        registered after this model was built)."""
+        """The decoding values set in `[generate.<stage>]` or by `--<stage>-…` flags."""
         if stage not in type(self).model_fields:
-            return {}
+            return {}  # a settings object made before its stage was registered
         section = getattr(self, stage)
         return section.model_dump(exclude_none=True) if isinstance(section, Section) else {}
+
+
+def _late_stage_table(stage: Stage) -> None:
+    """A teacher stage registered after this module was imported (from outside the package) gets its
+    `[generate.<stage>]` table and `--<stage>-…` flags like a built-in one; a name a setting already uses is
+    refused, so no stage can shadow one."""
+    if not stage.uses_teacher:
+        return
+    if stage.name in GenerateConfig.model_fields and stage.name not in _STAGE_TABLES:
+        raise ValueError(f"stage name {stage.name!r} is a generate setting; choose another name")
+    _STAGE_TABLES[stage.name] = decoding_field(stage)
+    add_field(GenerateConfig, stage.name, *_STAGE_TABLES[stage.name])
+
+
+on_register(_late_stage_table)
 
 
 # ---------------------------------------------------------------- run directory identity and state
