@@ -312,6 +312,16 @@ def subtable(model: type[Section], description: str, flag_prefix: str) -> Any:
     )
 
 
+def add_field(model: type[Section], name: str, annotation: Any, field: Any) -> None:
+    """Give an already built settings model one more field (a table for a stage registered after the model
+    was made). Pydantic collects fields when a class is created, so the field joins the collected ones and the
+    model is rebuilt; flags, TOML, validation and the saved config all read the fields from there."""
+    from pydantic.fields import FieldInfo
+
+    model.__pydantic_fields__[name] = FieldInfo.from_annotated_attribute(annotation, field)
+    model.model_rebuild(force=True)
+
+
 def optional(description: str, **kw: Any) -> Any:
     """A setting that is unset (None) unless given: the flag's help text says what unset means."""
     return Field(None, description=description, **kw)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from selfinstruct.config import Section, optional, save_config
+from selfinstruct.config import Section, add_field, optional, save_config
 from selfinstruct.corpus import load_tasks_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
@@ -29,14 +29,16 @@ from selfinstruct.pipeline.registry import (
     CORPUS_STAGE,
     PIPELINES,
     STAGES,
+    decoding_field,
     decoding_fields,
+    on_register,
     pipeline,
     resolve_decoding,
     run_pipeline,
 )
 from selfinstruct.pipeline.runner import Budget, Journal
 from selfinstruct.pipeline.session import exit_code, teacher_session
-from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, StageStats
+from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, Stage, StageStats
 from selfinstruct.prompts import Prompts
 from selfinstruct.rundir import CONFIG, CORPUS, INSTRUCTIONS, JOURNALED, REJECTED, STATE, SUMMARY, Summary
 from selfinstruct.shard import ShardSpec, shard_field
@@ -47,7 +49,8 @@ SUMMARY_EVERY_S = 2.0
 LOG_EVERY_S = 10.0  # progress lines when stderr is not a terminal
 
 
-_StageDecoding = create_model("_StageDecoding", __base__=Section, **decoding_fields())
+_STAGE_TABLES = decoding_fields()
+_StageDecoding = create_model("_StageDecoding", __base__=Section, **_STAGE_TABLES)
 """One `[generate.<stage>]` table (flags `--<stage>-temperature` …) per registered teacher stage."""
 
 
@@ -170,12 +173,26 @@ class GenerateConfig(_StageDecoding):
         return [s for s in PIPELINES[self.pipeline] if not self.stages or s in self.stages]
 
     def decoding_overrides(self, stage: str) -> dict[str, Any]:
-        """The decoding values set in `[generate.<stage>]` or by `--<stage>-…` flags (none for a stage
-        registered after this model was built)."""
+        """The decoding values set in `[generate.<stage>]` or by `--<stage>-…` flags."""
         if stage not in type(self).model_fields:
-            return {}
+            return {}  # a settings object made before its stage was registered
         section = getattr(self, stage)
         return section.model_dump(exclude_none=True) if isinstance(section, Section) else {}
+
+
+def _late_stage_table(stage: Stage) -> None:
+    """A teacher stage registered after this module was imported (from outside the package) gets its
+    `[generate.<stage>]` table and `--<stage>-…` flags like a built-in one; a name a setting already uses is
+    refused, so no stage can shadow one."""
+    if not stage.uses_teacher:
+        return
+    if stage.name in GenerateConfig.model_fields and stage.name not in _STAGE_TABLES:
+        raise ValueError(f"stage name {stage.name!r} is a generate setting; choose another name")
+    _STAGE_TABLES[stage.name] = decoding_field(stage)
+    add_field(GenerateConfig, stage.name, *_STAGE_TABLES[stage.name])
+
+
+on_register(_late_stage_table)
 
 
 # ---------------------------------------------------------------- run directory identity and state
@@ -293,7 +310,7 @@ class Monitor:
         if now - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = now
             self.ctx.journal.snapshot(SUMMARY, self.summary(final=False))
-            self.ctx.journal.snapshot(STATE, self.state_snapshot())
+            self.save_state()
 
     def _draw(self, stage: str, now: float) -> None:
         s = self.ctx.stats[stage]
@@ -338,6 +355,10 @@ class Monitor:
         """What a stage's progress counts: kept instructions (a growing stage) or items done."""
         grows = stage in STAGES and STAGES[stage].grows
         return "kept" if grows else "done"
+
+    def save_state(self) -> None:
+        """Write state.json now (a stage cached something in it), after every record journaled so far."""
+        self.ctx.journal.snapshot(STATE, self.state_snapshot())
 
     def state_snapshot(self) -> dict[str, Any]:
         usage = self.ctx.budget.total()
@@ -461,9 +482,10 @@ def run_generate(
             decoding=resolve_decoding(cfg),
             stats=_initial_stats(run, cfg),
             pipeline=pipeline(cfg.pipeline),
+            state=state,
         )
         monitor = Monitor(ctx, state, console)
-        ctx.on_tick = monitor.tick
+        ctx.on_tick, ctx.save_state = monitor.tick, monitor.save_state
         try:
             with monitor:
                 asyncio.run(_session(ctx, stages, own_teacher, console))

@@ -127,6 +127,9 @@ class StagePlan:
     completion_source: str
     seconds: float
     note: str = ""
+    batch_steps: int = (
+        0  # `--batch-api`: batches this stage sends one after another (each waits for the last)
+    )
 
     def totals(self, prices: tuple[float, float], discount: float) -> dict[str, Any]:
         low_r, exp_r, high_r = self.requests
@@ -208,7 +211,7 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
     instructions = lines_of(INSTRUCTIONS)
     kept = len({r["id"] for r in instructions})
     with tempfile.TemporaryDirectory(prefix="selfinstruct-plan-") as scratch:
-        requests_by_stage = _render(cfg, seeds, Path(scratch), out, sample)
+        requests_by_stage, calibration = _render(cfg, seeds, Path(scratch), out, sample)
     stages: list[StagePlan] = []
     growing = {"bootstrap": cfg.new_per_prompt, "alpaca": cfg.alpaca_new_tasks}
     shard = Shard.parse(getattr(cfg, "shard", None))
@@ -232,6 +235,8 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
                 math.ceil(remaining / (expected_yield / 2)),
             )
             note = f"yield {expected_yield:.2f} kept per answer ({source})"
+            # a batch holds at most --concurrency prompts built from the pool as it stands
+            steps = math.ceil(requests[1] / cfg.teacher.concurrency_or_default)
         else:
             done = len(read_keyed_path(out, CLASSIFICATION if stage == "classify" else INSTANCES))
             # after a growing stage of this same run, every instruction it is to keep gets an answer
@@ -239,8 +244,12 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
             todo = max(0, (max(kept, cfg.num_instructions) if grows else kept) - done)
             if shard is not None and not grows:  # a sharded bootstrap answers all of its own records
                 todo = math.ceil(todo / shard.count)
-            requests = (todo, todo, todo)
             note = f"{todo} instructions to answer"
+            if todo and calibration[stage]:
+                note += f" + {calibration[stage]} calibration requests"
+                todo += calibration[stage]
+            requests = (todo, todo, todo)
+            steps = 1 if todo else 0  # every instruction in one batch
         if seen.get("requests") and seen.get("completion_tokens"):
             expected_c = seen["completion_tokens"] / seen["requests"]
             source_c = "observed"
@@ -250,13 +259,13 @@ def plan_generate(cfg: Any, sample: int, latency: float | None = None) -> dict[s
             source_c = "expected answer shape"
         completion = (expected_c / 2, expected_c, float(max_tokens))
         seconds = _seconds(cfg.teacher, requests[1], prompt_mean + expected_c, expected_c, seen, latency)
-        stages.append(StagePlan(stage, requests, prompt_mean, completion, source_c, seconds, note))
+        stages.append(StagePlan(stage, requests, prompt_mean, completion, source_c, seconds, note, steps))
     return _assemble("generate", cfg, counter, stages, bool(observed))
 
 
 def _assemble(command: str, cfg: Any, counter: TokenCounter, stages: list[StagePlan], observed: bool) -> dict:
     """Prices (Batch API: half), per-stage totals and the grand total."""
-    from selfinstruct.teachers.openai_compat import BATCH_DISCOUNT
+    from selfinstruct.teachers.openai_compat import BATCH_DISCOUNT, BATCH_WINDOW_H
     from selfinstruct.teachers.pricing import resolve_prices
 
     prices = resolve_prices(cfg.teacher.model, cfg.teacher.price_input, cfg.teacher.price_output)
@@ -269,12 +278,18 @@ def _assemble(command: str, cfg: Any, counter: TokenCounter, stages: list[StageP
         "cost": {k: round(sum(r["cost"][k] for r in rows), 6) for k in ("low", "expected", "high")},
         "seconds": round(sum(r["seconds"] for r in rows), 1),
     }
+    if batch:  # no concurrency-based time: each batch answers within the window, one after another
+        for row, stage in zip(rows, stages, strict=True):
+            row["batch_steps"], row["seconds"] = stage.batch_steps, None
+        total["batch_steps"], total["seconds"] = sum(s.batch_steps for s in stages), None
+        total["max_seconds"] = total["batch_steps"] * BATCH_WINDOW_H * 3600
     return {
         "command": command,
         "model": cfg.teacher.model,
         "tokenizer": counter.method,
         "prices_per_1m": {"input": prices[0] * discount, "output": prices[1] * discount},
         "batch_api": batch,
+        "batch_window_h": BATCH_WINDOW_H if batch else None,
         "observed_run": observed,
         "stages": rows,
         "total": total,
@@ -285,9 +300,13 @@ def read_keyed_path(out: Path, name: str) -> set[str]:
     return {r["id"] for r in read_jsonl(out / name)} if (out / name).exists() else set()
 
 
-def _render(cfg: Any, seeds: list, scratch: Path, out: Path, sample: int) -> dict[str, list]:
+def _render(
+    cfg: Any, seeds: list, scratch: Path, out: Path, sample: int
+) -> tuple[dict[str, list], dict[str, int]]:
     """`sample` real requests per stage, built by the stages themselves on a scratch run directory that holds
-    (a sample of) the run's instructions and labels, or seed tasks standing in for them before any exist."""
+    (a sample of) the run's instructions and labels, or seed tasks standing in for them before any exist; and
+    per stage the requests it sends once before its items (classify's calibration, unless the run's state
+    already holds it)."""
     import asyncio
 
     from selfinstruct.pipeline.registry import resolve_decoding
@@ -311,12 +330,17 @@ def _render(cfg: Any, seeds: list, scratch: Path, out: Path, sample: int) -> dic
             json.dumps({"id": r["id"], "is_classification": r["is_classification"]}) + "\n" for r in stand_ins
         )
     out_requests: dict[str, list] = {}
+    once: dict[str, int] = {}
+    try:
+        state = json.loads((out / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        state = {}
     with _scratch_context(cfg, run_dir, seeds, resolve_decoding(cfg), cfg.chosen_stages(), Journal) as ctx:
+        ctx.state = state
         for stage in cfg.chosen_stages():
-            out_requests[stage] = (
-                asyncio.run(_stage_requests(ctx, stage, sample)) if stage != "finetune" else []
-            )
-    return out_requests
+            if stage != "finetune":
+                out_requests[stage], once[stage] = asyncio.run(_stage_requests(ctx, stage, sample))
+    return out_requests, once
 
 
 @contextlib.contextmanager
@@ -356,7 +380,7 @@ def _scratch_context(
             journal.close()
 
 
-async def _stage_requests(ctx: Any, stage: str, sample: int) -> list:
+async def _stage_requests(ctx: Any, stage: str, sample: int) -> tuple[list, int]:
     from selfinstruct.pipeline import INSTRUCTIONS, read_keyed
     from selfinstruct.pipeline.alpaca import Alpaca
     from selfinstruct.pipeline.bootstrap import Bootstrap
@@ -367,12 +391,12 @@ async def _stage_requests(ctx: Any, stage: str, sample: int) -> list:
         ctx
     )
     if stage in ("bootstrap", "alpaca"):
-        return [source.request(0, k) for k in range(sample)]
+        return [source.request(0, k) for k in range(sample)], 0
     items = [(i, rec["instruction"]) for i, rec in read_keyed(ctx.run, INSTRUCTIONS).items()]
     # the scratch file holds the run's own instructions first: prefer them to the stand-ins
     real = [item for item in items if not item[0].startswith("plan_")] or items
     picked = random.Random(0).sample(real, min(sample, len(real)))
-    return [source.request(*item) for item in picked]
+    return [source.request(*item) for item in picked], len(getattr(source, "unsent", ()))
 
 
 def _expected_answers(stage: str, cfg: Any, seeds: list, chat: bool, rng: random.Random, n: int) -> list[str]:
@@ -491,6 +515,8 @@ def plan_evolve(cfg: Any, sample: int, latency: float | None = None) -> dict[str
             requests = (attempts if step == "evolve" else 0, n, attempts)
             seconds = _seconds(cfg.teacher, n, prompt_mean + expected_c, expected_c, {}, latency)
             note = f"{attempts} attempts to decide; {source}"
+            # a batch holds the attempts at one step: each round's steps follow one another
+            rounds_left = max((cfg.rounds - lin.next_round + 1 for lin in lineages), default=0)
             plans.append(
                 StagePlan(
                     step,
@@ -500,6 +526,7 @@ def plan_evolve(cfg: Any, sample: int, latency: float | None = None) -> dict[str
                     "expected answer shape",
                     seconds,
                     note,
+                    max(0, rounds_left),
                 )
             )
     return _assemble("evolve", cfg, counter, plans, bool(summary))
@@ -523,7 +550,7 @@ def print_plan(plan: dict[str, Any], console: Console) -> None:
             f"{r['prompt_tokens']:,}",
             f"{r['completion_tokens']:,}",
             f"${c['low']:.4f} / ${c['expected']:.4f} / ${c['high']:.4f}",
-            _duration(r["seconds"]),
+            _time(r),
         )
     t = plan["total"]
     table.add_row(
@@ -532,7 +559,7 @@ def print_plan(plan: dict[str, Any], console: Console) -> None:
         "",
         f"{t['tokens']['expected']:,} (all)",
         f"${t['cost']['low']:.4f} / ${t['cost']['expected']:.4f} / ${t['cost']['high']:.4f}",
-        _duration(t["seconds"]),
+        _time(t),
     )
     console.print(table)
     console.print(f"tokens counted with {plan['tokenizer']}", markup=False, highlight=False)
@@ -543,7 +570,21 @@ def print_plan(plan: dict[str, Any], console: Console) -> None:
             highlight=False,
         )
     if plan["batch_api"]:
-        console.print("  Batch API: results arrive within the 24 h completion window", markup=False)
+        steps = t["batch_steps"]
+        console.print(
+            f"  Batch API: up to {plan['batch_window_h']} h per batch step (the provider's completion window); "
+            f"{steps} sequential batch step{'s' if steps != 1 else ''}, so up to {_duration(t['max_seconds'])}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _time(row: dict[str, Any]) -> str:
+    """A row's time: the estimate, or with `--batch-api` the batches it waits for one after another."""
+    if row["seconds"] is not None:
+        return _duration(row["seconds"])
+    steps = row["batch_steps"]
+    return f"{steps} batch step{'s' if steps != 1 else ''}"
 
 
 def _duration(seconds: float) -> str:

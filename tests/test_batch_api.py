@@ -54,8 +54,7 @@ def test_batch_run_matches_a_direct_run_at_half_the_price(seeds: Path, tmp_path:
             (tmp_path / name).mkdir()
             for f in ("instructions.jsonl", "state.json"):
                 (tmp_path / name / f).write_bytes((tmp_path / "base" / f).read_bytes())
-        # written labels: every request of both stages goes in a batch (logprob scoring's 3 calibration
-        # requests go direct, see the next test)
+        # written labels: every request of both stages goes in a batch (logprob scoring: the next test)
         stages = {"stages": ["classify", "instances", "finetune"], "classify_scoring": "label"}
         run_generate(config(seeds, tmp_path / "batch", server, **stages))
         assert server.batch_creations == 2  # one per stage
@@ -81,11 +80,64 @@ def test_logprob_classification_in_a_batch_matches_a_direct_run(seeds: Path, tmp
             for f in ("instructions.jsonl", "state.json"):
                 (tmp_path / name / f).write_bytes((tmp_path / "base" / f).read_bytes())
         run_generate(config(seeds, tmp_path / "batch", server, stages=["classify"]))
+        # the 3 content-free calibration requests ride in the one batch: nothing is sent directly
         assert server.batch_creations == 1
+        [batch_file] = (tmp_path / "batch" / "batches").iterdir()
+        tags = [json.loads(line)["tag"][0] for line in batch_file.read_text().splitlines()]
+        assert len(tags) == sum(bool(r.json.get("logprobs")) for r in server.completions()) == 20 + 3
+        assert sorted(t for t in tags if t.startswith("content-free-")) == [
+            f"content-free-{i}" for i in range(3)
+        ]
         run_generate(config(seeds, tmp_path / "direct", server, stages=["classify"], batch_api=False))
     batch, direct = (lines(tmp_path / name / "classification.jsonl") for name in ("batch", "direct"))
     assert len(batch) == 20 and "score" in batch[0]
     assert sorted(map(json.dumps, batch)) == sorted(map(json.dumps, direct))
+    base, batch_run, direct_run = (
+        json.loads((tmp_path / name / "summary.json").read_text()) for name in ("base", "batch", "direct")
+    )
+    assert batch_run["stages"]["classify"]["requests"] == direct_run["stages"]["classify"]["requests"] == 23
+    assert batch_run["requests"] == base["requests"] + 23  # in the run's usage, and at batch prices:
+    assert batch_run["cost"] - base["cost"] == pytest.approx(
+        (direct_run["cost"] - base["cost"]) / 2, rel=0.01
+    )
+
+
+def test_a_resumed_batch_run_does_not_calibrate_again(seeds: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with FakeOpenAI(PipelineResponder(seed=5), models=[MODEL], batch_delay=0.05) as server:
+        run_generate(config(seeds, out, server, stages=["bootstrap"], batch_api=False))
+        instructions = (out / "instructions.jsonl").read_text().splitlines(keepends=True)
+        (out / "instructions.jsonl").write_text("".join(instructions[:15]))  # 5 come later
+        run_generate(config(seeds, out, server, stages=["classify"]))
+        (out / "instructions.jsonl").write_text("".join(instructions))
+        run_generate(config(seeds, out, server, stages=["classify"]))
+        asked = sum(bool(r.json.get("logprobs")) for r in server.completions())
+    assert server.batch_creations == 2 and asked == 15 + 3 + 5  # nothing sent besides the batches
+    sizes = [line["requests"] for line in lines(out / "batches.jsonl") if line["event"] == "prepared"]
+    assert sizes == [15 + 3, 5]  # the second batch: only the new instructions
+    assert len(lines(out / "classification.jsonl")) == 20
+    calibration = json.loads((out / "summary.json").read_text())["stages"]["classify"]["calibration"]
+    assert calibration["cached"] is True
+
+
+def test_a_failed_calibration_line_stops_the_run_and_the_rerun_asks_anew(seeds: Path, tmp_path: Path) -> None:
+    out, answers, refuse = tmp_path / "run", PipelineResponder(seed=5), [True]
+
+    def responder(request: dict) -> Reply | str:  # refuses the content-free "[MASK]" task once
+        if refuse[0] and "[MASK]" in json.dumps(request):
+            refuse[0] = False
+            return Reply.server_error(400)
+        return answers(request)
+
+    with FakeOpenAI(responder, models=[MODEL]) as server:
+        run_generate(config(seeds, out, server, stages=["bootstrap"], batch_api=False))
+        with pytest.raises(UserError, match="classify calibration failed"):
+            run_generate(config(seeds, out, server, stages=["classify"]))
+        # the batch is closed as unusable, so the rerun does not fail on the same answers again
+        assert run_generate(config(seeds, out, server, stages=["classify"])) == 0
+    assert server.batch_creations == 2 and len(lines(out / "classification.jsonl")) == 20
+    finished = [line.get("status") for line in lines(out / "batches.jsonl") if line["event"] == "finished"]
+    assert finished == ["unusable", "completed"]
 
 
 def test_failed_batch_lines_are_retried_and_alpaca_rounds_batch(seeds: Path, tmp_path: Path) -> None:

@@ -124,12 +124,15 @@ TASKS = {
 LOG_ODDS = {"N/A": -0.3, "": -0.9, "[MASK]": -0.3, **dict(zip(TASKS, [0.7, -0.2, -2.0, -1.5], strict=True))}
 
 
+def task_of(request: dict) -> str:
+    """The task a classify request asks about (the last one its prompt shows)."""
+    text = request["messages"][-1]["content"] if "messages" in request else request["prompt"]
+    return text.rsplit("Task:", 1)[-1].split("\n", 1)[0].strip()
+
+
 def responder(request: dict) -> Reply:
-    chat = "messages" in request
-    text = request["messages"][-1]["content"] if chat else request["prompt"]
-    task = text.rsplit("Task:", 1)[-1].split("\n", 1)[0].strip()
-    p_yes = 0.9 / (1 + math.exp(-LOG_ODDS[task]))  # 0.1 left for other tokens
-    space = "" if chat else " "
+    p_yes = 0.9 / (1 + math.exp(-LOG_ODDS[task_of(request)]))  # 0.1 left for other tokens
+    space = "" if "messages" in request else " "
     return Reply(text="x", top_logprobs={f"{space}Yes": math.log(p_yes), f"{space}No": math.log(0.9 - p_yes)})
 
 
@@ -165,6 +168,63 @@ def test_calibration_subtracts_the_content_free_score(tmp_path, api):
         assert cal["score"] == pytest.approx(LOG_ODDS[task] + 0.5, abs=1e-3)
         assert cal["is_classification"] is truth
     assert [by_task[False][f"i{i}"]["is_classification"] for i in range(4)] == [True, False, False, False]
+
+
+def sent(server: FakeOpenAI) -> tuple[int, int]:
+    """Classify requests the server received: (content-free ones, task ones); not the start-up check."""
+    tasks = [task_of(r.json) for r in server.completions()]
+    return sum(t in CONTENT_FREE for t in tasks), sum(t in TASKS for t in tasks)
+
+
+def test_calibration_requests_are_budgeted_counted_and_cached_for_a_resume(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps(t) + "\n" for t in small_seed_tasks()))
+    out = tmp_path / "run"
+    _seed_instructions(out, seeds, list(TASKS))
+
+    def config(**settings) -> GenerateConfig:
+        return GenerateConfig(
+            seeds=str(seeds), out=str(out), stages=["classify"], teacher=teacher_config(server), **settings
+        )
+
+    with FakeOpenAI(responder=responder) as server:
+        assert run_generate(config(max_requests=2)) == 0  # the cap holds for the calibration requests too
+        assert sent(server) == (2, 0)
+        assert (out / "classification.jsonl").read_text() == ""
+        assert run_generate(config(max_requests=7)) == 0  # calibration done, then 2 tasks within the cap
+        first = json.loads((out / "summary.json").read_text())
+        assert sent(server) == (2 + 3, 2)
+        assert json.loads((out / "state.json").read_text())["classify_calibration"]["content_free_scores"]
+        server.clear()
+        assert run_generate(config()) == 0  # the resume reuses the measured offset: no content-free request
+        assert sent(server) == (0, len(TASKS) - 2)
+    stage = first["stages"]["classify"]
+    assert stage["requests"] == first["requests"] - 2 == 5  # this session's 5, the run's 7
+    assert stage["calibration"]["cached"] is False
+    assert stage["prompt_tokens"] > 0 and first["stop_reason"] == "max_requests"
+    # the calibration's tokens are the stage's: one session's stage usage is the run's usage minus the earlier
+    state = json.loads((out / "state.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] == state["usage"]["requests"] == 2 + 3 + len(TASKS)
+    assert summary["stages"]["classify"]["calibration"] == {**stage["calibration"], "cached": True}
+    scores = {r["id"]: r["score"] for r in map(json.loads, (out / "classification.jsonl").open())}
+    assert scores == pytest.approx({f"i{i}": LOG_ODDS[t] + 0.5 for i, t in enumerate(TASKS)}, abs=1e-3)
+
+
+def test_the_calibration_of_another_prompt_is_asked_again(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps(t) + "\n" for t in small_seed_tasks()))
+    out = tmp_path / "run"
+    _seed_instructions(out, seeds, list(TASKS))
+    with FakeOpenAI(responder=responder) as server:
+        # one task per session; another --seed picks other examples, so the cached offset does not apply
+        for seed, cap in ((0, 4), (0, 5), (1, 9)):
+            cfg = GenerateConfig(
+                seeds=str(seeds), out=str(out), stages=["classify"], teacher=teacher_config(server),
+                seed=seed, max_requests=cap,
+            )  # fmt: skip
+            assert run_generate(cfg) == 0
+        assert sent(server) == (3 + 0 + 3, 3)
 
 
 # ------------------------------------------------------------------------------------------ settings

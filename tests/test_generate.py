@@ -326,7 +326,7 @@ def test_later_stages_only_do_what_is_missing(seeds, tmp_path):
         "classify" if r.get("logprobs") else r["response_format"]["json_schema"]["schema"]["required"][0]
         for r in resent
     )
-    assert kinds == {"classify": 3 + 8, "instances": 20}  # with the calibration requests
+    assert kinds == {"classify": 8, "instances": 20}  # the calibration is in state.json: not asked again
     check_run(out, 20)
 
 

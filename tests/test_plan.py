@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from selfinstruct.cli import parse_command
 from selfinstruct.cli import run as cli_run
 from selfinstruct.errors import UserError
 from selfinstruct.generate import GenerateConfig, run_generate
@@ -37,7 +38,8 @@ def test_plan_is_within_25_percent_of_a_fake_server_run(tmp_path: Path) -> None:
         cold = plan_generate(cfg(40), sample=10)
         assert cold["tokenizer"].startswith("~4 characters")  # the fake model has no tokenizer: said so
         assert [s["stage"] for s in cold["stages"]] == ["bootstrap", "classify", "instances"]
-        assert cold["stages"][1]["requests"]["expected"] == 40  # one classify request per instruction
+        # one classify request per instruction, and the 3 content-free ones of the calibration
+        assert cold["stages"][1]["requests"]["expected"] == 40 + 3
         run_generate(cfg(40))
         first = used(tmp_path / "run")
         assert abs(cold["total"]["tokens"]["expected"] - first) / first < 0.25, (cold["total"], first)
@@ -46,7 +48,7 @@ def test_plan_is_within_25_percent_of_a_fake_server_run(tmp_path: Path) -> None:
         # growing the same run: the plan now uses the usage and yield the run directory observed
         more = plan_generate(cfg(100), sample=10)
         assert all(s["completion_source"] == "observed" for s in more["stages"])
-        assert more["stages"][1]["requests"]["expected"] == 60
+        assert more["stages"][1]["requests"]["expected"] == 60  # the run's state holds the calibration
         run_generate(cfg(100))
         second = used(tmp_path / "run") - first
         assert abs(more["total"]["tokens"]["expected"] - second) / second < 0.25, (more["total"], second)
@@ -112,3 +114,42 @@ def test_plan_evolve_against_a_fake_server_run(tmp_path: Path) -> None:
     t = plan["total"]["tokens"]
     assert t["low"] <= measured <= t["high"]
     assert abs(t["expected"] - measured) / measured < 0.3, (t, measured)  # measured here: -19%
+
+
+def test_plan_with_the_batch_api_prices_at_half_and_counts_batch_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from selfinstruct.evolve import EvolveConfig
+    from selfinstruct.plan import plan_evolve
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps(t) + "\n" for t in small_seed_tasks()))
+    argv = ["plan", "--json", "--sample", "3", "generate", str(seeds), "--out", str(tmp_path / "r")]
+    argv += ["--model", "gpt-4o-mini", "--num-instructions", "1000", "--concurrency", "100"]
+    assert cli_run(argv) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert cli_run([*argv, "--batch-api"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["prices_per_1m"] == {"input": 0.075, "output": 0.3} and plan["batch_window_h"] == 24
+    assert plan["total"]["cost"]["expected"] == pytest.approx(
+        direct["total"]["cost"]["expected"] / 2, rel=1e-3
+    )
+    bootstrap, classify, instances = plan["stages"]
+    # a bootstrap batch holds --concurrency prompts; classify and instances send every instruction in one
+    assert bootstrap["batch_steps"] == -(-bootstrap["requests"]["expected"] // 100) > 1
+    assert classify["batch_steps"] == instances["batch_steps"] == 1
+    assert all(s["seconds"] is None for s in plan["stages"]) and plan["total"]["seconds"] is None
+    steps = bootstrap["batch_steps"] + 2
+    assert plan["total"]["batch_steps"] == steps and plan["total"]["max_seconds"] == steps * 24 * 3600
+
+    _, cfg, _ = parse_command(["generate", *argv[5:], "--batch-api"])
+    run_plan(PlanConfig(sample=2), "generate", cfg)
+    out = capsys.readouterr().out
+    assert "up to 24 h per batch step" in out and "batch steps, so up to" in out and " s " not in out
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Red"}) + "\n")
+    teacher = TeacherConfig(model="gpt-4o-mini", batch_api=True)
+    evolve = plan_evolve(EvolveConfig(input=str(inp), out=str(tmp_path / "e"), teacher=teacher, rounds=3), 2)
+    # each round's rewrite, judge and answer batches follow one another
+    assert [s["batch_steps"] for s in evolve["stages"]] == [3, 3, 3] and evolve["total"]["batch_steps"] == 9

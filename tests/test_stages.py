@@ -129,7 +129,7 @@ def test_a_stage_registered_from_a_test_module_runs_end_to_end(topic_pipeline, t
         teacher = TeacherConfig(model="fake-model", base_url=[server.url], api_key_env="", backoff=0.01)
         cfg = GenerateConfig(
             seeds=str(seeds), out=str(out), pipeline="topics", num_instructions=6, teacher=teacher,
-            prompt_dir=str(prompts),
+            prompt_dir=str(prompts), topic={"max_tokens": 6},
         )  # fmt: skip
         assert run_generate(cfg) == 0
         asked = [r for r in server.completions() if r.headers.get(MARKER_HEADER.lower()) == "topic"]
@@ -137,7 +137,29 @@ def test_a_stage_registered_from_a_test_module_runs_end_to_end(topic_pipeline, t
     topics = [json.loads(line) for line in (out / TOPICS).read_text().splitlines()]
     assert len(kept) == 6 and sorted(t["id"] for t in topics) == sorted(kept)
     assert {t["topic"] for t in topics} == {"cooking"} and len(asked) == 6
-    assert all(r.json["max_tokens"] == 8 for r in asked)  # its chat preset (no [generate.topic] table exists)
+    assert all(r.json["max_tokens"] == 6 for r in asked)  # its [generate.topic] table, over the preset's 8
+    assert "max_tokens = 6" in (out / "config.toml").read_text().split("[generate.topic]")[1]
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == ["bootstrap", "topic", "finetune"] and summary["finished"] is True
     assert summary["stages"]["topic"]["done"] == 6
+
+
+def test_a_stage_registered_late_gets_its_table_and_flags(topic_pipeline, tmp_path):
+    toml = {"generate": {"pipeline": "topics", "topic": {"temperature": 0.4}}}
+    cfg = settings(["--topic-max-tokens", "3"], toml)
+    assert resolve_decoding(cfg)["topic"] == {
+        "temperature": 0.4, "top_p": 1.0, "presence_penalty": 0.0, "max_tokens": 3
+    }  # fmt: skip
+    assert "[generate.topic]" in config_to_toml("generate", cfg)
+    with pytest.raises(UserError, match=r"unknown key 'temprature' in \[generate.topic\]"):
+        settings([], {"generate": {"topic": {"temprature": 0.3}}})
+    with pytest.raises(UserError, match=r"--topic-top-p"):
+        settings(["--topic-top-p", "3"])
+    assert resolve_decoding(GenerateConfig(topic_max_tokens=5))["topic"]["max_tokens"] == 5  # flat spelling
+
+
+def test_a_stage_may_not_take_the_name_of_a_setting():
+    shadow = Stage(name="seed", run=run_topic, decoding=TOPIC.decoding)
+    with pytest.raises(ValueError, match="'seed' is a generate setting"):
+        register(shadow)
+    assert "seed" not in STAGES and GenerateConfig(seed=3).seed == 3

@@ -183,7 +183,12 @@ async def _finish(
         errors = "; ".join(e.message or "?" for e in (batch.errors.data or [])) if batch.errors else ""
         raise UserError(f"batch {batch_id} failed: {errors or 'no reason given'}; rerun to submit it again")
     await ctx.journal.aflush()
-    source.handle(_still_wanted(source, responses))
+    try:
+        source.handle(_still_wanted(source, responses))
+    except UserError:  # answers that stop the run (a failed calibration, every line refused) would stop a
+        await ctx.journal.aflush()  # rerun that took this batch up again the same way: it asks anew instead
+        log.append(stage=stage, label=label, batch_id=batch_id, event="finished", status="unusable")
+        raise
     await ctx.journal.aflush()
     log.append(stage=stage, label=label, batch_id=batch_id, event="finished", status=batch.status)
     return True

@@ -16,7 +16,10 @@ Two ways to decide (`--classify-scoring`):
   content-free tasks ("N/A", "", "[MASK]") is subtracted first, which removes the prompt's own lean towards one
   answer without any labelled data. The task is classification when the score is above 0; the score goes into
   the record. The content-free scores are asked for (3 requests) and reported in `summary.json` either way:
-  they show the prompt's lean, and they check up front that the teacher returns logprobs at all.
+  they show the prompt's lean, and they check up front that the teacher returns logprobs at all. They are
+  requests like any other (budget caps, usage and cost, `--batch-api`: the first batch carries them), and the
+  measured scores are kept in `state.json` under the fingerprint of the exact requests, so a resumed run (or a
+  shard copied from a run that calibrated) sends them again only when the model, prompt or examples changed.
 Measured on SmolLM2-135M against the 209 seed tasks' labels (benchmarks/bench_quality.py): the written label is
 no better than a constant answer (balanced accuracy 0.50); calibrated logprob scoring reaches 0.77 with chat
 prompts and 0.68 with raw prompts, so it is the default.
@@ -24,10 +27,13 @@ prompts and 0.68 with raw prompts, so it is the default.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from selfinstruct.corpus import load_seed_tasks
@@ -48,6 +54,10 @@ longer prompt cheap."""
 TOP_LOGPROBS = 20  # the most OpenAI's API and vLLM's default `max_logprobs` allow
 CONTENT_FREE = ("N/A", "", "[MASK]")
 """Tasks that say nothing (Zhao et al. 2021): the prompt's score on them is its bias."""
+CONTENT_FREE_ID = "content-free-"
+"""The id prefix of a calibration request's tag (an instruction id never starts with it)."""
+CALIBRATION_STATE = "classify_calibration"
+"""The key of `state.json` that keeps the measured content-free scores."""
 _YES, _NO = frozenset({"yes"}), frozenset({"no"})
 _NO_MASS = 1e-12  # probability left for tokens outside the top k when the top k take it all
 
@@ -125,7 +135,17 @@ class Classify(PerInstruction):
         examples = few_shot(labelled_seeds(ctx.seeds), ctx.cfg.seed, per_class)
         answers = yes_no if self.logprob else as_json
         self.examples, self.demos = ("", as_demos(examples, answers)) if ctx.chat else (as_text(examples), [])
+        self.calibration = [self.request(f"{CONTENT_FREE_ID}{i}", t) for i, t in enumerate(CONTENT_FREE)]
+        self.fingerprint = calibration_fingerprint(ctx.teacher.model, self.calibration)
+        cached = ctx.state.get(CALIBRATION_STATE) or {}
+        self.scores: list[float] | None = cached.get("content_free_scores")
+        if not self.logprob or cached.get("fingerprint") != self.fingerprint:
+            self.scores = None
+        self.content_free: dict[str, float] = {}  # this session's calibration answers by tag id
+        self.unsent = deque(self.calibration if self.logprob and self.scores is None else [])
         self.offset = 0.0
+        if self.scores is not None:
+            self._apply(self.scores, cached=True)
 
     def request(self, rec_id: str, instruction: str) -> TeacherRequest:
         messages, prompt = self.template.render(self.demos, examples=self.examples, instruction=instruction)
@@ -149,22 +169,49 @@ class Classify(PerInstruction):
             self.ctx.journal.append(REJECTED, [reject])
         return ClassificationRecord(id=rec_id, is_classification=label)
 
-    async def calibrate(self) -> None:
-        """Score the content-free tasks (also a check that the teacher gives logprobs at all); with
-        `classify_calibrate` their mean becomes the offset every score is measured from."""
-        teacher = self.ctx.teacher
-        if not teacher.supports_logprobs:
-            raise UserError("this teacher gives no logprobs: use --classify-scoring label")
-        requests = [self.request(f"content-free-{i}", text) for i, text in enumerate(CONTENT_FREE)]
-        responses = await teacher.generate(requests)
-        self.ctx.stats[self.stage].requests += len(responses)
-        failed = next((r.error for r in responses if r.error), None)
-        if failed:
-            raise UserError(
-                f"classify calibration failed ({failed}); a teacher without logprobs needs "
-                "--classify-scoring label"
-            )
-        scores = [yes_no_score(r.choices[0].top_logprobs or {}) for r in responses]
+    def next_call(self, in_flight: int) -> list[TeacherRequest] | None:
+        """The content-free requests first (only when there is something to score). A direct run waits for
+        their answers, which also checks that the teacher gives logprobs before the tasks are sent; a batch
+        carries them along with the tasks (its answers are handled together, calibration first)."""
+        if self.logprob and self.scores is None and self.todo:
+            n = min(self.ctx.can_send(in_flight), len(self.unsent))
+            if n:
+                return [self.unsent.popleft() for _ in range(n)]
+            if not self.ctx.cfg.teacher.batch_api:
+                return None
+        return super().next_call(in_flight)
+
+    def handle(self, responses: list[TeacherResponse]) -> None:
+        calibration = [r for r in responses if r.request.tag[0].startswith(CONTENT_FREE_ID)]
+        if calibration:
+            self.calibrate(calibration)
+        tasks = [r for r in responses if not r.request.tag[0].startswith(CONTENT_FREE_ID)]
+        if tasks and self.logprob and self.scores is None:  # never scored from an unknown offset
+            raise UserError("classify: task answers arrived before the calibration's; rerun the command")
+        super().handle(tasks)
+
+    def calibrate(self, responses: list[TeacherResponse]) -> None:
+        """Count the content-free answers like any other; once all are in, their scores give the offset, and
+        `state.json` keeps them (written through the journal, so before any later answer counts)."""
+        for response in responses:
+            if not self.ctx.accept(self.stage, response):
+                raise UserError(
+                    f"classify calibration failed ({response.error}); a teacher without logprobs needs "
+                    "--classify-scoring label"
+                )
+            self.content_free[response.request.tag[0]] = yes_no_score(response.choices[0].top_logprobs or {})
+        if len(self.content_free) < len(CONTENT_FREE):
+            return
+        scores = [self.content_free[f"{CONTENT_FREE_ID}{i}"] for i in range(len(CONTENT_FREE))]
+        self._apply(scores, cached=False)
+        self.ctx.state[CALIBRATION_STATE] = {
+            "fingerprint": self.fingerprint,
+            "content_free_scores": scores,
+        }
+        self.ctx.save_state()
+
+    def _apply(self, scores: list[float], cached: bool) -> None:
+        self.scores = scores
         offset = sum(scores) / len(scores)
         applied = self.ctx.cfg.classify_calibrate
         self.offset = offset if applied else 0.0
@@ -172,12 +219,20 @@ class Classify(PerInstruction):
             "content_free_scores": [round(x, 4) for x in scores],
             "offset": round(offset, 4),
             "applied": applied,
+            "cached": cached,
         }
 
     async def run(self) -> None:
-        if self.logprob and self.todo:
-            await self.calibrate()
+        if self.logprob and self.todo and not self.ctx.teacher.supports_logprobs:
+            raise UserError("this teacher gives no logprobs: use --classify-scoring label")
         await super().run()
+
+
+def calibration_fingerprint(model: str, requests: list[TeacherRequest]) -> str:
+    """What the content-free scores depend on: the model and the exact requests (prompt, examples, decoding;
+    not the per-request seed, which greedy decoding ignores and which depends on the backend)."""
+    data = [model, *([r.messages, r.prompt, {**asdict(r.sampling), "seed": None}] for r in requests)]
+    return hashlib.blake2b(json.dumps(data).encode(), digest_size=8).hexdigest()
 
 
 async def run(ctx: RunContext) -> None:

@@ -3,12 +3,13 @@
 To add a stage: write one module defining `STAGE = Stage(...)` (see `pipeline/stage.py`) plus its prompt
 templates, and register it here (or from any module: `register(STAGE)`, then `register_pipeline(...)` or
 insert it into a pipeline). Its decoding presets, template check, progress label, `[generate.<stage>]` table and
-`--<stage>-temperature`-style flags follow from the declaration.
+`--<stage>-temperature`-style flags follow from the declaration, also for a stage registered after the
+`generate` settings were built (`on_register` hooks add its table then).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import Field, create_model
@@ -20,14 +21,24 @@ from selfinstruct.pipeline.stage import DECODING_KEYS, RunContext, Stage
 STAGES: dict[str, Stage] = {}
 PIPELINES: dict[str, tuple[str, ...]] = {}
 PRESETS = ("reference", "chat")
+_HOOKS: list[Callable[[Stage], None]] = []
 
 
 def register(stage: Stage) -> Stage:
     """Make a stage known by its name (registering the same stage again is a no-op)."""
     if STAGES.get(stage.name, stage) is not stage:
         raise ValueError(f"another stage is already registered as {stage.name!r}")
+    if stage.name not in STAGES:
+        for hook in _HOOKS:  # a hook that refuses the stage (ValueError) leaves it unregistered
+            hook(stage)
     STAGES[stage.name] = stage
     return stage
+
+
+def on_register(hook: Callable[[Stage], None]) -> None:
+    """Call `hook(stage)` for every stage registered from now on (settings built from the stages known at
+    import time use it to learn of later ones)."""
+    _HOOKS.append(hook)
 
 
 def register_pipeline(name: str, stages: Sequence[str]) -> None:
@@ -73,10 +84,15 @@ def decoding_section(stage: Stage) -> type[Section]:
     return create_model(f"{stage.name.title()}Decoding", __base__=Section, **fields)
 
 
+def decoding_field(stage: Stage) -> tuple[type[Section], Any]:
+    """A teacher stage's `[generate.<stage>]` subtable (flags `--<stage>-…`): its type and field."""
+    section = decoding_section(stage)
+    return section, subtable(section, f"{stage.name} decoding", f"{stage.name}-")
+
+
 def decoding_fields() -> dict[str, Any]:
     """One subtable field per registered teacher stage, for the `generate` command's settings model."""
-    sections = {s.name: decoding_section(s) for s in STAGES.values() if s.uses_teacher}
-    return {name: (m, subtable(m, f"{name} decoding", f"{name}-")) for name, m in sections.items()}
+    return {s.name: decoding_field(s) for s in STAGES.values() if s.uses_teacher}
 
 
 def resolve_decoding(cfg: Any) -> dict[str, dict[str, Any]]:

@@ -146,6 +146,8 @@ class RunContext:
     stop_reason: str | None = None  # why the run stopped early: a budget cap, "interrupted", "no_progress"
     pipeline: tuple[Stage, ...] = ()  # the whole pipeline being run (also the stages not chosen this time)
     signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+    state: dict[str, Any] = field(default_factory=dict)  # the run's state.json, kept across sessions
+    save_state: Callable[[], None] = lambda: None  # write `state` (through the journal, after what it holds)
     _failures_in_a_row: int = 0
 
     @property

@@ -66,6 +66,7 @@ PROBE_TIMEOUT = 60.0
 MAX_RETRY_AFTER = 600.0  # a server asking for longer is treated as asking for 10 minutes
 DOWN_AFTER_FAILURES = 2  # consecutive failures before an endpoint is skipped
 BATCH_DISCOUNT = 0.5  # the Batch API bills half the synchronous price
+BATCH_WINDOW_H = 24  # the completion window a batch is created with: its answers come within this many hours
 BATCH_LABEL = "selfinstruct_batch"  # metadata key naming the run's batch, to find it again after a restart
 NO_KEY = "no-key"  # sent to local servers that need none; the SDK insists on some key
 
@@ -586,7 +587,7 @@ class OpenAITeacher(Teacher):
             lambda: ep.client.batches.create(
                 input_file_id=file.id,
                 endpoint=url,  # type: ignore[arg-type]
-                completion_window="24h",
+                completion_window=f"{BATCH_WINDOW_H}h",
                 metadata={BATCH_LABEL: label},
             )
         )
