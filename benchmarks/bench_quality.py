@@ -15,7 +15,7 @@ Cohen's kappa (a constant answer scores 0.5 and 0.0) and, for logprob scoring, R
 and raw prompts). `--only-classify` measures just that part and keeps the other figures of `--out`. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
 characters, instance answers at 512 tokens, at most `--max-requests` (60) growth requests per run (a style the model
 cannot follow would otherwise run for hours on a CPU; the rates are measured on what it answered), Alpaca answers (5 tasks) at 1024, a 10-minute request timeout (a slow CPU is not a failing server).
-Per stage it reports the parse-valid rate (answers that yielded at least one readable item), the keep rate and
+Per stage it reports the parse-valid rate (answers without an unreadable or cut-off piece), the keep rate and
 rejection reasons, placeholder instructions kept ("first task", "...", "task 1"), instances per task, the share
 of instances and of tasks that survive the finetune filters, teacher tokens per kept instruction and per corpus
 record, and wall time. Everything goes to `benchmarks/results/quality.json`; `--samples` records picked by seed
