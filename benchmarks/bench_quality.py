@@ -15,7 +15,7 @@ Cohen's kappa (a constant answer scores 0.5 and 0.0) and, for logprob scoring, R
 and raw prompts). `--only-classify` measures just that part and keeps the other figures of `--out`. Settings for a small model on a CPU, the same for every run: JSON strings capped at 400
 characters, instance answers at 512 tokens, at most `--max-requests` (60) growth requests per run (a style the model
 cannot follow would otherwise run for hours on a CPU; the rates are measured on what it answered), Alpaca answers (5 tasks) at 1024, a 10-minute request timeout (a slow CPU is not a failing server).
-Per stage it reports the parse-valid rate (answers that yielded at least one readable item), the keep rate and
+Per stage it reports the parse-valid rate (answers without an unreadable or cut-off piece), the keep rate and
 rejection reasons, placeholder instructions kept ("first task", "...", "task 1"), instances per task, the share
 of instances and of tasks that survive the finetune filters, teacher tokens per kept instruction and per corpus
 record, and wall time. Everything goes to `benchmarks/results/quality.json`; `--samples` records picked by seed
@@ -51,6 +51,9 @@ PLACEHOLDER = re.compile(
     r"^\W*((first|second|third|fourth|fifth|new) task|task \d+|\.\.\.|<[^>]*>)\W*$", re.I
 )
 
+
+PIPELINES = {"self-instruct": "bootstrap", "alpaca": "alpaca"}
+"""Each pipeline run by the benchmark and its growth stage."""
 
 STYLES = {
     "chat-structured": ["--structured-output"],
@@ -96,6 +99,15 @@ def generate(out: Path, seeds: Path, teacher: list[str], *extra: str) -> float:
 
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
+
+
+def ended(run: Path) -> bool:
+    """Whether a run in --work finished or stopped at its cap (not interrupted), so its summary is the measure."""
+    path = run / "summary.json"
+    if not path.exists():
+        return False
+    summary = json.loads(path.read_text())
+    return summary["finished"] or summary["stop_reason"] not in (None, "interrupted")
 
 
 def growth_metrics(run: Path, stage: str) -> dict[str, Any]:
@@ -307,11 +319,35 @@ def main() -> int:
         action="store_true",
         help="measure only the classify stage on the seeds; the other figures in --out are kept",
     )
+    parser.add_argument(
+        "--pipelines",
+        type=lambda v: v.split(","),
+        default=list(PIPELINES),
+        help=f"comma-separated subset of {','.join(PIPELINES)}; a subset re-measures only those runs (no classify "
+        "on the seeds) and keeps the other figures of --out",
+    )
+    parser.add_argument(
+        "--styles",
+        type=lambda v: v.split(","),
+        default=list(STYLES),
+        help=f"comma-separated subset of {','.join(STYLES)}; a subset works like --pipelines",
+    )
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument(
         "--work", help="keep the run directories here (default: a temp dir); rerunning on it only re-measures"
     )
     args = parser.parse_args()
+    for flag, chosen, known in (
+        ("--pipelines", args.pipelines, PIPELINES),
+        ("--styles", args.styles, STYLES),
+    ):
+        if unknown := [v for v in chosen if v not in known]:
+            parser.error(f"{flag}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    selected = [] if args.only_classify else [(p, s) for p in PIPELINES if p in args.pipelines for s in STYLES if s in args.styles]  # fmt: skip
+    full = len(selected) == len(PIPELINES) * len(STYLES)
+    measure_classify = full or args.only_classify
+    if not full and not Path(args.out).exists():
+        parser.error(f"{args.out}: not found; a partial run keeps the other figures of this file")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -330,44 +366,48 @@ def main() -> int:
                "--schema-max-chars", "400", "--instances-max-tokens", "512", "--alpaca-new-tasks", "5", "--alpaca-max-tokens", "1024"]  # fmt: skip
     n = str(args.num_instructions)
     results: dict[str, Any] = {"model": args.model, "num_instructions": args.num_instructions, "runs": {}}
-    if args.only_classify:
+    if not full:
         results = json.loads(Path(args.out).read_text())
     runs: dict[str, Path] = {}
     t0 = time.monotonic()
     try:
-        for pipeline, stage in (("self-instruct", "bootstrap"), ("alpaca", "alpaca")):
-            if args.only_classify:
-                break
-            for style, flags in STYLES.items():
-                name = f"{pipeline}/{style}"
-                run = work / name.replace("/", "-")
-                console.rule(name)
+        for pipeline, style in selected:
+            stage = PIPELINES[pipeline]
+            name = f"{pipeline}/{style}"
+            run = work / name.replace("/", "-")
+            console.rule(name)
+            if not ended(run):  # an ended run is only re-measured: resuming it would report an empty session
                 # the cap counts growth requests: Self-Instruct also spends two per kept instruction later
                 cap = args.max_requests + (2 * args.num_instructions if pipeline == "self-instruct" else 0)
                 generate(run, seeds, teacher, "--pipeline", pipeline, "--num-instructions", n,
-                         "--max-requests", str(cap), *flags)  # fmt: skip
-                runs[name] = run
-                results["runs"][name] = {
-                    stage: growth_metrics(run, stage),
-                    "corpus": corpus_metrics(run, pipeline == "self-instruct"),
-                }
-        results["classify_on_seeds"] = classify_on_seeds(work / "classify", seeds, teacher)
+                         "--max-requests", str(cap), *STYLES[style])  # fmt: skip
+            runs[name] = run
+            results["runs"][name] = {
+                stage: growth_metrics(run, stage),
+                "corpus": corpus_metrics(run, pipeline == "self-instruct"),
+            }
+        if measure_classify:
+            results["classify_on_seeds"] = classify_on_seeds(work / "classify", seeds, teacher)
     finally:
         if server is not None:
             server.terminate()
             server.wait(30)
     classify = results["classify_on_seeds"]
     classify["wall_s"] = round(sum(classify[name]["wall_s"] for name in CLASSIFY_VARIANTS), 1)
-    if not args.only_classify:
-        results["samples"] = samples(runs, args.samples)
-        results["wall_s"] = round(time.monotonic() - t0, 1)
+    if runs:
+        # a partial run replaces only the samples drawn from the runs it measured
+        kept = [r for r in results.get("samples", []) if r["run"] not in runs]
+        results["samples"] = kept + samples(runs, max(0, args.samples - len(kept)))
         results["teacher_wall_s"] = round(
             sum(r["corpus"]["wall_s"] for r in results["runs"].values()) + classify["wall_s"], 1
         )
+    if full:
+        results["wall_s"] = round(time.monotonic() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     console.print_json(json.dumps({k: v for k, v in results.items() if k != "samples"}))
-    print_classify(classify)
+    if measure_classify:
+        print_classify(classify)
     console.print(f"wrote {args.out} ({round(time.monotonic() - t0, 1)} s)")
     return 0
 
