@@ -332,7 +332,8 @@ class EvaluateConfig(Section):
     )
     data: str | None = Field(
         None,
-        description="held-out records: Alpaca JSON/JSONL (e.g. split's heldout.jsonl) or a run directory",
+        description="held-out records: Alpaca JSON/JSONL (e.g. split's heldout.jsonl), chat JSONL "
+        "(conversations are scored turn by turn) or a run directory",
     )
     train_data: str | None = Field(
         None, description="the training corpus: categories absent from it are reported as unseen"
