@@ -11,6 +11,13 @@ never saw (`split` holds those out). `evaluate` answers the held-out instruction
   with the prompt rendered and tokenized exactly as `selfinstruct train` does, so it is the quantity that
   training minimised, measured on held-out data.
 
+A conversation (`messages` with several assistant turns, e.g. from `converse` or `magpie --turns`) is scored
+turn by turn with the gold history: the prompt of assistant turn k is the conversation up to and including user
+turn k (earlier assistant turns are the reference's, not the model's), and its reference is assistant turn k.
+Its log-loss is taken on the token spans `selfinstruct train` puts its loss on (`assistant_spans`). Metrics are
+also reported per turn index. Conversations need the chat template: the Alpaca template holds one instruction
+and one answer, and `train` never trains an Alpaca model on conversations either.
+
 Both models see the same prompts: the template (chat or Alpaca) comes from the tuned model's
 `train_config.toml` when it has one. Models are named as everywhere (`selfinstruct.models`): a LoRA adapter is
 merged into its base (once, in the model cache) and a GGUF file converted, so vLLM and transformers load a plain
@@ -49,24 +56,18 @@ def category_of(record: CorpusRecord) -> str:
 
 
 def task_of(record: CorpusRecord) -> str:
-    """Instances of one task share `meta.task_id`; records without one are grouped by instruction text."""
+    """Instances of one task share `meta.task_id`; records without one are grouped by instruction text (a
+    conversation's first user turn; `converse` and `magpie` give each conversation a task id of its own)."""
     task_id = record.meta.get("task_id")
     return f"id:{task_id}" if task_id is not None else f"text:{record.instruction.strip()}"
 
 
-def load_records(path: str, what: str) -> list[CorpusRecord]:
-    """Single-exchange records (with `meta`) from any corpus `selfinstruct.corpus` reads; a chat record's
-    first user turn is its instruction."""
+def load_records(path: str) -> list[CorpusRecord]:
+    """The records (with `meta`) of any corpus `selfinstruct.corpus` reads, as `train` loads them: single
+    exchanges and conversations (`messages` kept whole)."""
     from selfinstruct.train import load_corpus
 
-    _, records = load_corpus(path)
-    several = sum(r.turns > 1 for r in records)
-    if several:
-        raise UserError(
-            f"{path}: {what} scores one instruction and its answer; {several} records are conversations with "
-            "several turns"
-        )
-    return records
+    return load_corpus(path)[1]
 
 
 # ---------------------------------------------------------------- metrics
@@ -118,6 +119,32 @@ def examples_for(records: list[CorpusRecord], template: Literal["chat", "alpaca"
     return to_examples(records, template)
 
 
+def turn_examples(
+    records: list[CorpusRecord], template: Literal["chat", "alpaca"], data: str
+) -> list[dict[str, Any]]:
+    """One prompt/completion example per assistant turn, in record then turn order, each with `record` (its
+    index in `records`) and `turn` (1-based). A single exchange is the example `train` builds; turn k of a
+    conversation has the gold history up to user turn k as its prompt and assistant turn k as its completion."""
+    several = sum(r.turns > 1 for r in records)
+    if several and template != "chat":
+        raise UserError(
+            f"{data}: {several} records are conversations with several turns, which need the chat template "
+            "(a model with one, or --template chat); the Alpaca template holds one instruction and one answer"
+        )
+    examples = []
+    for i, r in enumerate(records):
+        if r.turns == 1:
+            examples.append({**examples_for([r], template)[0], "record": i, "turn": 1})
+            continue
+        messages = r.conversation()
+        answers = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        for turn, k in enumerate(answers, start=1):
+            examples.append(
+                {"prompt": messages[:k], "completion": messages[k : k + 1], "record": i, "turn": turn}
+            )
+    return examples
+
+
 def tokenize_example(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int]:
     """(token ids of prompt + response, number of prompt tokens), the way TRL's SFTTrainer tokenizes a
     prompt/completion example: chat prompts get the generation prompt, plain completions get EOS appended,
@@ -150,51 +177,101 @@ class Loss:
     tokens: int
 
 
-def response_losses(
-    model_path: str, examples: list[dict[str, Any]], *, max_length: int = 2048, batch_size: int = 4
-) -> list[Loss]:
-    """NLL of each example's response under the model, response tokens only (cut at `max_length` tokens).
+# token ids, and the [start, end) spans of the response tokens whose NLL is wanted
+Row = tuple[list[int], list[tuple[int, int]]]
 
-    Examples are batched by length with right padding; only the response positions' logits are turned into
-    float32 log-probabilities, so memory stays at one batch of logits in the model's dtype.
-    """
+
+def _cut(ids: list[int], spans: list[tuple[int, int]], max_length: int) -> Row:
+    """The row cut at `max_length` tokens. The first token is never predicted, so a span starts at 1 at the
+    earliest; a span cut away entirely scores no tokens."""
+    ids = ids[:max_length]
+    return ids, [(max(1, min(a, len(ids))), min(b, len(ids))) for a, b in spans]
+
+
+def _scorer(model_path: str) -> tuple[Any, Any]:
+    """(tokenizer, model) for the log-loss: float32 on CPU, the checkpoint's dtype on a GPU."""
     import torch
-    from torch.nn.functional import cross_entropy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype="auto" if device == "cuda" else torch.float32
     ).to(device)
     model.eval()
-    encoded = [tokenize_example(tokenizer, e) for e in examples]
-    # The first token is never predicted, so a response starts at position 1 at the earliest.
-    encoded = [(ids[:max_length], max(1, min(start, max_length))) for ids, start in encoded]
-    losses = [Loss(0.0, 0)] * len(encoded)
+    return AutoTokenizer.from_pretrained(model_path), model
+
+
+def _span_losses(tokenizer: Any, model: Any, rows: list[Row], batch_size: int) -> list[list[Loss]]:
+    """The NLL of every span of every row.
+
+    Rows are batched by length with right padding; only the spans' logits are turned into float32
+    log-probabilities, so memory stays at one batch of logits in the model's dtype.
+    """
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    losses = [[Loss(0.0, 0)] * len(spans) for _, spans in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]
-        width = max(len(encoded[i][0]) for i in batch)
+        width = max(len(rows[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
-            seq = encoded[i][0]
+            seq = rows[i][0]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
             for row, i in enumerate(batch):
-                seq, start = encoded[i]
-                if start < len(seq):  # logits at t predict token t + 1
-                    nll = cross_entropy(
-                        logits[row, start - 1 : len(seq) - 1].float(),
-                        ids[row, start : len(seq)].to(device),
-                        reduction="sum",
-                    )
-                    losses[i] = Loss(float(nll), len(seq) - start)
+                for k, (start, end) in enumerate(rows[i][1]):
+                    if start < end:  # logits at t predict token t + 1
+                        nll = cross_entropy(
+                            logits[row, start - 1 : end - 1].float(),
+                            ids[row, start:end].to(model.device),
+                            reduction="sum",
+                        )
+                        losses[i][k] = Loss(float(nll), end - start)
     return losses
+
+
+def response_losses(
+    model_path: str, examples: list[dict[str, Any]], *, max_length: int = 2048, batch_size: int = 4
+) -> list[Loss]:
+    """NLL of each prompt/completion example's response under the model (cut at `max_length` tokens)."""
+    tokenizer, model = _scorer(model_path)
+    rows = []
+    for e in examples:
+        ids, start = tokenize_example(tokenizer, e)
+        rows.append(_cut(ids, [(start, len(ids))], max_length))
+    return [spans[0] for spans in _span_losses(tokenizer, model, rows, batch_size)]
+
+
+def turn_losses(
+    model_path: str,
+    records: list[CorpusRecord],
+    template: Literal["chat", "alpaca"],
+    *,
+    max_length: int = 2048,
+    batch_size: int = 4,
+) -> list[Loss]:
+    """NLL of every assistant turn of every record, in `turn_examples` order, on the tokens `selfinstruct train`
+    puts its loss on: a single exchange as its prompt/completion example, a conversation on its assistant-turn
+    spans in one pass over the whole conversation (turn k sees the gold turns before it), cut between exchanges
+    where longer than `max_length` as train cuts it."""
+    from selfinstruct.train import assistant_spans, split_conversation
+
+    tokenizer, model = _scorer(model_path)
+    rows = []
+    for r in records:
+        if r.turns == 1:
+            ids, start = tokenize_example(tokenizer, examples_for([r], template)[0])
+            rows.append(_cut(ids, [(start, len(ids))], max_length))
+            continue
+        for piece in split_conversation(tokenizer, r.conversation(), max_length):
+            rows.append(_cut(*assistant_spans(tokenizer, piece), max_length))
+    return [loss for spans in _span_losses(tokenizer, model, rows, batch_size) for loss in spans]
 
 
 # ---------------------------------------------------------------- models
@@ -255,7 +332,8 @@ class EvaluateConfig(Section):
     )
     data: str | None = Field(
         None,
-        description="held-out records: Alpaca JSON/JSONL (e.g. split's heldout.jsonl) or a run directory",
+        description="held-out records: Alpaca JSON/JSONL (e.g. split's heldout.jsonl), chat JSONL "
+        "(conversations are scored turn by turn) or a run directory",
     )
     train_data: str | None = Field(
         None, description="the training corpus: categories absent from it are reported as unseen"
@@ -417,11 +495,12 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
         atomic_write_json(out / "eval.json", result)
         atomic_write_text(out / "eval.md", render_markdown(result))
         return {**result, "out": str(out)}
-    records = load_records(str(cfg.data), "evaluate")
+    records = load_records(str(cfg.data))
+    positions = list(range(len(records)))  # each record's place in --data: a conversation's id
     if cfg.max_examples and cfg.max_examples < len(records):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.max_examples))
-        records = [records[i] for i in keep]
-    train_records = load_records(cfg.train_data, "evaluate") if cfg.train_data else None
+        positions = sorted(random.Random(cfg.seed).sample(positions, cfg.max_examples))
+        records = [records[i] for i in positions]
+    train_records = load_records(cfg.train_data) if cfg.train_data else None
     train_categories = {category_of(r) for r in train_records} if train_records is not None else None
     overlap = None
     if train_records is not None:  # held-out records the model trained on measure memorisation
@@ -431,7 +510,8 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
         warn_overlap(overlap)
     models = _models(cfg)
     template = _template(cfg, models[0].path)
-    examples = examples_for(records, template)
+    examples = turn_examples(records, template, str(cfg.data))
+    owners = [records[e["record"]] for e in examples]
     references = [
         e["completion"] if isinstance(e["completion"], str) else e["completion"][0]["content"]
         for e in examples
@@ -448,8 +528,8 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
             losses: list[Loss | None] = [None] * len(examples)
             if cfg.loss:
                 losses = list(
-                    response_losses(
-                        m.path, examples, max_length=cfg.max_length, batch_size=cfg.loss_batch_size
+                    turn_losses(
+                        m.path, records, template, max_length=cfg.max_length, batch_size=cfg.loss_batch_size
                     )
                 )
             done[m.path] = answers, losses
@@ -461,10 +541,11 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
                 exact_match=exact_match(answer, reference) if record.meta.get("is_classification") else None,
                 loss=loss,
             )
-            for answer, reference, record, loss in zip(answers, references, records, losses, strict=True)
+            for answer, reference, record, loss in zip(answers, references, owners, losses, strict=True)
         ]
 
-    categories = [category_of(r) for r in records]
+    categories = [category_of(r) for r in owners]
+    turns = [e["turn"] for e in examples]
     unseen = [train_categories is not None and c not in train_categories for c in categories]
     result = {
         "models": {m.role: m.spec for m in models},
@@ -476,7 +557,8 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
             "rouge_stemmer": cfg.rouge_stemmer,
             "max_length": cfg.max_length,
         },
-        **_slices(scored, categories, unseen, train_categories is not None),
+        "records": len(records),
+        **_slices(scored, categories, unseen, train_categories is not None, turns),
         "train_overlap": overlap,
     }
     if cfg.prefs:
@@ -485,9 +567,13 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
     atomic_write_json(out / "eval.json", result)
     atomic_write_text(out / "eval.md", render_markdown(result))
     predictions = []
-    for i, r in enumerate(records):
-        row: dict[str, Any] = {"instruction": r.instruction, "input": r.input, "reference": references[i]}
-        row.update(category=categories[i], unseen=unseen[i])
+    for i, (e, r) in enumerate(zip(examples, owners, strict=True)):
+        row: dict[str, Any] = {"conversation": positions[e["record"]], "turn": e["turn"]}
+        if r.turns == 1:
+            row.update(instruction=r.instruction, input=r.input)
+        else:  # the turn's own user message; the history is the record's
+            row.update(instruction=e["prompt"][-1]["content"], input="")
+        row.update(reference=references[i], category=categories[i], unseen=unseen[i])
         for role, rows in scored.items():
             s = rows[i]
             loss = s.loss.nll / s.loss.tokens if s.loss and s.loss.tokens else None
@@ -503,10 +589,10 @@ def evaluate(cfg: EvaluateConfig, teachers: dict[str, Any] | None = None) -> dic
 
 
 def _slices(
-    scored: dict[str, list[_Scored]], categories: list[str], unseen: list[bool], known: bool
+    scored: dict[str, list[_Scored]], categories: list[str], unseen: list[bool], known: bool, turns: list[int]
 ) -> dict[str, Any]:
-    """Aggregates over all examples, the seen and unseen categories (when the training corpus is known), and
-    each category."""
+    """Aggregates over all examples (answers), the seen and unseen categories (when the training corpus is
+    known), each turn index (when there are conversations) and each category."""
 
     def summary(indices: list[int]) -> dict[str, Any]:
         per_role = {role: _aggregate([rows[i] for i in indices]) for role, rows in scored.items()}
@@ -522,8 +608,12 @@ def _slices(
     by_category: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(categories):
         by_category[c].append(i)
+    by_turn: dict[int, list[int]] = defaultdict(list)
+    for i, t in enumerate(turns):
+        by_turn[t].append(i)
     return {
         "overall": overall,
+        "turns": {str(t): summary(idx) for t, idx in sorted(by_turn.items())} if len(by_turn) > 1 else {},
         "categories": {
             c: {"unseen": unseen[idx[0]], **summary(idx)} for c, idx in sorted(by_category.items())
         },
@@ -547,6 +637,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     roles = [r for r in ("base", "tuned") if r in result["models"]]
     header = ["slice", "n"] + [f"{name} {role}" for name, *_ in _COLUMNS for role in roles]
     rows = list(result["overall"].items())
+    rows += [(f"turn {t}", s) for t, s in result.get("turns", {}).items()]
     rows += [(f"{c} (unseen)" if s["unseen"] else c, s) for c, s in result["categories"].items()]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
     for name, s in rows:
@@ -554,10 +645,16 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells += [_fmt(s[role][key], scale, digits) for _, key, scale, digits in _COLUMNS for role in roles]
         lines.append("| " + " | ".join(cells) + " |")
     models = " · ".join(f"{role}: `{spec}`" for role, spec in result["models"].items())
+    turns = (
+        f" · n: answers scored, one per assistant turn of {result['records']} records; turn k: the k-th answers, "
+        "each given the reference's earlier turns"
+        if result.get("turns")
+        else ""
+    )
     return (
         "\n".join(lines)
         + f"\n\n{models} · template: {result['template']} · ROUGE-L F and exact match (classification tasks "
-        "only) ×100 · loss: mean NLL of the reference response, nats/token · ppl = exp(loss)\n"
+        f"only) ×100 · loss: mean NLL of the reference response, nats/token · ppl = exp(loss){turns}\n"
     )
 
 

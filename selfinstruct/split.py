@@ -2,7 +2,8 @@
 
 Self-Instruct measures success as following instructions the model never saw, including whole task types it
 never saw. `split` therefore holds out whole categories ("unseen") plus a fraction of the remaining tasks
-("seen" types, new tasks), never splitting the instances of one task.
+("seen" types, new tasks), never splitting the instances of one task. A conversation (`messages`) is held out
+whole, as one instance of its task (`task_of`), and written back with its `messages` intact.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class SplitConfig(Section):
 
     corpus: str | None = Field(
         None,
-        description="corpus to split: Alpaca JSON/JSONL (meta.category, meta.task_id) or a run directory",
+        description="corpus to split: Alpaca JSON/JSONL (meta.category, meta.task_id), chat JSONL "
+        "(conversations are held out whole) or a run directory",
         json_schema_extra={"positional": True},
     )
     out: str | None = Field(None, description="directory for train.jsonl, heldout.jsonl and split.json")
@@ -89,9 +91,7 @@ def split(cfg: SplitConfig) -> SplitResult:
         raise UserError("split needs --out DIR")
     out = Path(cfg.out)
     existing_outputs([out / "train.jsonl", out / "heldout.jsonl"], cfg.force)
-    result = split_records(
-        load_records(cfg.corpus, "split"), cfg.holdout_categories, cfg.holdout_fraction, cfg.seed
-    )
+    result = split_records(load_records(cfg.corpus), cfg.holdout_categories, cfg.holdout_fraction, cfg.seed)
     if not result.heldout:
         raise UserError("nothing held out: give --holdout-categories or a larger --holdout-fraction")
     if not result.train:

@@ -227,16 +227,18 @@ def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def assistant_only_row(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, list[int]]:
-    """`input_ids` of the whole conversation and a `completion_mask` that is 1 exactly on every assistant
-    turn's tokens: from after the template's generation prompt up to and including its end-of-turn text.
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the whole conversation and the [start, end) token span of each assistant turn, in order:
+    from after the template's generation prompt up to and including its end-of-turn text.
 
     Built from renders of each prefix of the conversation rather than from `{% generation %}` template tags,
     which few models' templates have; a template that renders earlier turns differently once later turns
     follow (some drop past reasoning) cannot be split this way and is refused.
     """
     ids = _ids(tokenizer, messages)
-    mask = [0] * len(ids)
+    spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -246,7 +248,17 @@ def assistant_only_row(tokenizer: Any, messages: list[dict[str, str]]) -> dict[s
                 "the model's chat template renders earlier turns differently once later ones follow, so the "
                 "assistant turns of a conversation cannot be located token by token; train on single-turn records"
             )
-        mask[len(prompt) : len(through)] = [1] * (len(through) - len(prompt))
+        spans.append((len(prompt), len(through)))
+    return ids, spans
+
+
+def assistant_only_row(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    """`input_ids` of the whole conversation and a `completion_mask` that is 1 exactly on every assistant
+    turn's tokens (`assistant_spans`): what training puts its loss on."""
+    ids, spans = assistant_spans(tokenizer, messages)
+    mask = [0] * len(ids)
+    for start, end in spans:
+        mask[start:end] = [1] * (end - start)
     return {"input_ids": ids, "completion_mask": mask}
 
 
