@@ -228,6 +228,7 @@ class Conversation:
     parent_id: str
     messages: list[dict[str, str]]
     reused_output: bool
+    category: str | None = None  # the parent's, so `split --holdout-categories` can hold conversations out
     failures: int = 0  # rejected or failed attempts at the current step
     request_failures: int = 0  # teacher errors this session at the current step
 
@@ -265,7 +266,16 @@ def start(record: CorpusRecord, order: int, seed: int, bounds: tuple[int, int], 
     if reused:
         opening.append(messages[first_user + 1])
     parent = record.meta.get("task_id") or record.meta.get("id") or f"record_{order:06d}"
-    return Conversation(conv_id, order, draw_turns(seed, conv_id, bounds), str(parent), opening, reused)
+    category = record.meta.get("category")
+    return Conversation(
+        conv_id,
+        order,
+        draw_turns(seed, conv_id, bounds),
+        str(parent),
+        opening,
+        reused,
+        category and str(category),
+    )
 
 
 class TwoTeachers:
@@ -435,6 +445,8 @@ class Talker(NeedsEveryAnswer):
             "teacher_model": self.cfg.teacher.model,
             "user_model": self.user_model,
         }
+        if conv.category:
+            meta["category"] = conv.category
         if ended_by:
             meta["ended_by"] = ended_by
         self.kept_out.append({"id": conv.id, "messages": conv.messages, "meta": meta})

@@ -38,7 +38,10 @@ TRIGGERED = {
 
 
 def corpus(path: Path, plain: int = 8, triggered: bool = True) -> Path:
-    records = [{"instruction": i, "input": x, "output": o} for i, x, o, _ in SMALL_SEEDS[:plain]]
+    records = [
+        {"instruction": i, "input": x, "output": o, "meta": {"category": "labels" if clf else "open"}}
+        for i, x, o, clf in SMALL_SEEDS[:plain]
+    ]
     if triggered:
         records += [{"instruction": text, "input": "", "output": "Sure."} for text in TRIGGERED.values()]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -86,6 +89,7 @@ def test_roles_alternate_end_with_the_assistant_and_turn_bounds_hold(conversed):
         meta = rec["meta"]
         parent = inputs[int(meta["parent_id"].removeprefix("record_"))]
         assert meta["source"] == "converse" and meta["task_id"].startswith("conv_")
+        assert meta.get("category") == parent.meta.get("category")  # split can hold a category out
         assert rec["messages"][0] == {"role": "user", "content": parent.user_message()}
         assert rec["messages"][1] == {"role": "assistant", "content": parent.output}  # reused output
         assert meta["turns"] == len(rec["messages"]) // 2 and 2 <= meta["target_turns"] <= 4
@@ -96,6 +100,17 @@ def test_roles_alternate_end_with_the_assistant_and_turn_bounds_hold(conversed):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and summary["kept"] == len(records) == summary["corpus_records"]
     assert sum(summary["turns_histogram"].values()) == len(records)
+
+
+def test_split_holds_out_the_conversations_of_a_category(conversed, tmp_path):
+    from selfinstruct.split import SplitConfig, split
+
+    _, run = conversed
+    split(SplitConfig(corpus=str(run), out=str(tmp_path), holdout_categories=["open"], holdout_fraction=0))
+    heldout, train = lines(tmp_path / "heldout.jsonl"), lines(tmp_path / "train.jsonl")
+    assert heldout and all(r["meta"]["category"] == "open" and len(r["messages"]) >= 4 for r in heldout)
+    assert train and all("category" not in r["meta"] for r in train)  # the triggered records have none
+    assert len(heldout) + len(train) == len(lines(run / "corpus.jsonl"))
 
 
 def test_rejected_turns_are_logged_with_their_reason_and_retried(conversed):
