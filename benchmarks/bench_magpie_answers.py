@@ -1,7 +1,7 @@
 """Compare answer decodings of `selfinstruct magpie` on the same kept queries, with the small real model.
 
     python benchmarks/bench_magpie_answers.py --queries RUN            # every candidate below on RUN's queries
-    python benchmarks/bench_magpie_answers.py --queries RUN --only greedy,rep1.2 --answer-max-tokens 256
+    python benchmarks/bench_magpie_answers.py --queries RUN --only greedy,freq0.5 --answer-max-tokens 1024 256
 
 A tiny model answering greedily loops until the token cap, so most of its answers are rejected
 (`truncated_answer`, `repetitive_answer`). This runs magpie's answer stage once per candidate decoding, each on
@@ -84,7 +84,7 @@ def main() -> None:
         "--queries", required=True, help="a magpie run directory whose kept queries to answer"
     )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, directory or .gguf")
-    parser.add_argument("--answer-max-tokens", type=int, default=1024)
+    parser.add_argument("--answer-max-tokens", type=int, nargs="+", default=[1024], help="one or more caps")
     parser.add_argument(
         "--only", help="comma-separated candidate names (default: all): " + ", ".join(CANDIDATES)
     )
@@ -106,32 +106,30 @@ def main() -> None:
     asyncio.run(teacher.start())
     rows = []
     try:
-        for name in names:
-            run = out / name.replace("/", "_")
+        for cap, name in ((cap, name) for cap in args.answer_max_tokens for name in names):
+            run = out / f"{name.replace('/', '_')}-{cap}"
             copy_queries(src, run)
             cfg = MagpieConfig(
                 out=str(run),
                 num_instructions=sum(1 for _ in read_jsonl(run / INSTRUCTIONS)),
                 teacher=teacher_cfg,
-                answer_max_tokens=args.answer_max_tokens,
+                answer_max_tokens=cap,
                 **CANDIDATES[name],
             )
             run_magpie(cfg, teacher=teacher, console=Console(stderr=True, quiet=True))
-            rows.append((name, tally(run)))
-            print(f"{name:<22} {json.dumps(rows[-1][1])}", flush=True)
+            rows.append((name, cap, tally(run)))
+            print(f"{name:<22} {cap:>5} {json.dumps(rows[-1][2])}", flush=True)
     finally:
         asyncio.run(teacher.close())
 
+    print(f"\nanswer decodings on the {rows[0][2]['answers']} kept queries of {src}:\n")
     print(
-        f"\nanswer decodings, {args.answer_max_tokens}-token cap, {src} ({rows[0][1]['answers']} queries):\n"
+        "| setting | cap | kept (complete) | looping | cut off, not looping | empty | mean words | answer stage |"
     )
-    print(
-        "| setting | complete (kept) | looping | cut off, not looping | empty | mean words | answer stage |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for name, cap, r in rows:
         print(
-            f"| {name} | {r['kept']} | {r['looping']} | {r['cut']} | {r['empty']} | {r['words']:.0f} "
+            f"| {name} | {cap} | {r['kept']} | {r['looping']} | {r['cut']} | {r['empty']} | {r['words']:.0f} "
             f"| {r['seconds']:.0f} s |"
         )
     print(f"\ncopies in {out}")

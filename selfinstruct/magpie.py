@@ -99,14 +99,19 @@ class MagpieConfig(Section):
     query_max_tokens: int = Field(
         256, ge=1, description="max tokens of one query (a longer one is discarded)"
     )
-    answer_temperature: float = Field(0.0, ge=0, description="answer temperature (0: greedy)")
-    answer_top_p: float = Field(1.0, gt=0, le=1, description="answer top_p")
-    answer_min_p: float = Field(0.0, ge=0, le=1, description="answer min_p (0: off; vLLM only)")
-    answer_repetition_penalty: float = Field(
-        1.0, gt=0, description="answer repetition penalty (1: off; vLLM only)"
+    answer_temperature: float = Field(0.0, ge=0, description="answer temperature (0: greedy; reference 0)")
+    answer_top_p: float = Field(1.0, gt=0, le=1, description="answer top_p (reference 1.0)")
+    answer_frequency_penalty: float = Field(
+        0.3,
+        ge=-2,
+        le=2,
+        description="answer frequency penalty (reference 0; 0.3 stops greedy answers looping to the cap)",
     )
-    answer_frequency_penalty: float = Field(0.0, ge=-2, le=2, description="answer frequency penalty")
     answer_presence_penalty: float = Field(0.0, ge=-2, le=2, description="answer presence penalty")
+    answer_repetition_penalty: float = Field(
+        1.0, gt=0, description="answer repetition penalty (1: off; a vLLM extension)"
+    )
+    answer_min_p: float = Field(0.0, ge=0, le=1, description="answer min_p (0: off; a vLLM extension)")
     answer_max_tokens: int = Field(
         1024, ge=1, description="max tokens of one answer (a longer one is rejected)"
     )

@@ -373,9 +373,9 @@ def test_cli_explicit_pre_query_is_sent_as_typed(tmp_path: Path, chatml_dir: Pat
     assert len(list(read_jsonl(tmp_path / "corpus.jsonl"))) == 5
 
 
-def test_answers_default_to_a_repetition_penalty_and_flags_override_it(tmp_path: Path, chatml_dir: Path):
-    """Answers are greedy with repetition penalty 1.1 (a small model's greedy answers loop otherwise); the
-    `--answer-*` flags reach every answer request, and `--answer-repetition-penalty 1` is the reference's."""
+def test_answers_default_to_a_frequency_penalty_and_flags_override_it(tmp_path: Path, chatml_dir: Path):
+    """Answers are greedy with frequency penalty 0.3 (a small model's greedy answers loop otherwise); every
+    `--answer-*` flag reaches the answer requests, and `--answer-frequency-penalty 0` is the reference's."""
 
     def sent(out: Path, *flags: str) -> tuple[list[dict], list[dict]]:
         with FakeOpenAI(MagpieResponder()) as server:
@@ -385,23 +385,26 @@ def test_answers_default_to_a_repetition_penalty_and_flags_override_it(tmp_path:
         return [r for r in requests if r not in answers], answers
 
     queries, answers = sent(tmp_path / "default")
-    assert len(answers) == 3 and all(a["repetition_penalty"] == 1.1 for a in answers)
+    assert len(answers) == 3 and all(a["frequency_penalty"] == 0.3 for a in answers)
     assert all(a["temperature"] == 0.0 and a["top_p"] == 1.0 and a["max_tokens"] == 1024 for a in answers)
-    assert all("min_p" not in a and "frequency_penalty" not in a for a in answers)
-    assert queries and all("repetition_penalty" not in q for q in queries)  # queries keep the reference's
+    assert all(not {"presence_penalty", "repetition_penalty", "min_p"} & set(a) for a in answers)
+    assert queries and all("frequency_penalty" not in q for q in queries)  # queries keep the reference's
 
-    flags = ["--answer-temperature", "0.5", "--answer-top-p", "0.9", "--answer-min-p", "0.05"]
-    flags += ["--answer-frequency-penalty", "0.3", "--answer-presence-penalty", "0.2"]
-    _, answers = sent(tmp_path / "flags", *flags, "--answer-repetition-penalty", "1.3")
+    flags = ["--answer-temperature", "0.5", "--answer-top-p", "0.9", "--answer-frequency-penalty", "0.1"]
+    flags += [
+        "--answer-presence-penalty",
+        "0.2",
+        "--answer-repetition-penalty",
+        "1.3",
+        "--answer-min-p",
+        "0.05",
+    ]
+    _, answers = sent(tmp_path / "flags", *flags)
+    keys = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_p")
     assert len(answers) == 3
-    assert all(
-        (a["temperature"], a["top_p"], a["min_p"], a["frequency_penalty"], a["presence_penalty"])
-        == (0.5, 0.9, 0.05, 0.3, 0.2)
-        and a["repetition_penalty"] == 1.3
-        for a in answers
-    )
-    _, answers = sent(tmp_path / "reference", "--answer-repetition-penalty", "1")
-    assert len(answers) == 3 and all("repetition_penalty" not in a for a in answers)
+    assert all(tuple(a[k] for k in keys) == (0.5, 0.9, 0.1, 0.2, 1.3, 0.05) for a in answers)
+    _, answers = sent(tmp_path / "reference", "--answer-frequency-penalty", "0")
+    assert len(answers) == 3 and all("frequency_penalty" not in a for a in answers)
 
 
 def test_cli_refuses_chat_endpoints_with_one_line_exit_2(tmp_path: Path, chatml_dir: Path, capsys):
