@@ -36,11 +36,14 @@ from selfinstruct.rundir import INSTRUCTIONS, REJECTED, STATE
 from selfinstruct.store import read_jsonl
 from selfinstruct.teachers import TeacherConfig, make_teacher
 
+REFERENCE = {"answer_temperature": 0.0, "answer_top_p": 1.0, "answer_frequency_penalty": 0.0}
+"""Magpie's reference answer decoding (greedy, no penalty); each candidate changes only what it names."""
+
 CANDIDATES: dict[str, dict[str, float]] = {
-    "greedy": {},  # the reference: temperature 0, nothing else
+    "greedy": {},  # the reference
     "rep1.1": {"answer_repetition_penalty": 1.1},
     "rep1.2": {"answer_repetition_penalty": 1.2},
-    "freq0.3": {"answer_frequency_penalty": 0.3},
+    "freq0.3": {"answer_frequency_penalty": 0.3},  # magpie's default
     "freq0.5": {"answer_frequency_penalty": 0.5},
     "pres0.5": {"answer_presence_penalty": 0.5},
     "t0.7/p0.9": {"answer_temperature": 0.7, "answer_top_p": 0.9},
@@ -114,7 +117,7 @@ def main() -> None:
                 num_instructions=sum(1 for _ in read_jsonl(run / INSTRUCTIONS)),
                 teacher=teacher_cfg,
                 answer_max_tokens=cap,
-                **CANDIDATES[name],
+                **{**REFERENCE, **CANDIDATES[name]},
             )
             run_magpie(cfg, teacher=teacher, console=Console(stderr=True, quiet=True))
             rows.append((name, cap, tally(run)))
