@@ -53,6 +53,7 @@ from selfinstruct.pipeline.stage import (
     PerInstruction,
     RunContext,
     StageStats,
+    head_and_tail,
     prompt_hash,
     read_keyed,
     run_stage,
@@ -98,7 +99,19 @@ class MagpieConfig(Section):
     query_max_tokens: int = Field(
         256, ge=1, description="max tokens of one query (a longer one is discarded)"
     )
-    answer_temperature: float = Field(0.0, ge=0, description="answer temperature (0: greedy)")
+    answer_temperature: float = Field(0.0, ge=0, description="answer temperature (0: greedy; reference 0)")
+    answer_top_p: float = Field(1.0, gt=0, le=1, description="answer top_p (reference 1.0)")
+    answer_frequency_penalty: float = Field(
+        0.3,
+        ge=-2,
+        le=2,
+        description="answer frequency penalty (reference 0; 0.3 stops greedy answers looping to the cap)",
+    )
+    answer_presence_penalty: float = Field(0.0, ge=-2, le=2, description="answer presence penalty")
+    answer_repetition_penalty: float = Field(
+        1.0, gt=0, description="answer repetition penalty (1: off; a vLLM extension)"
+    )
+    answer_min_p: float = Field(0.0, ge=0, le=1, description="answer min_p (0: off; a vLLM extension)")
     answer_max_tokens: int = Field(
         1024, ge=1, description="max tokens of one answer (a longer one is rejected)"
     )
@@ -336,7 +349,11 @@ class Answers(PerInstruction):
         if reason is not None:
             self.ctx.journal.append(
                 REJECTED,
-                [self.ctx.reject_record(self.stage, instruction, reason, 0, id=rec_id, output=text[:2000])],
+                [
+                    self.ctx.reject_record(
+                        self.stage, instruction, reason, 0, id=rec_id, output=head_and_tail(text)
+                    )
+                ],
             )
         return {"id": rec_id, "output": None if reason else text, "rejected": reason}
 
@@ -426,7 +443,8 @@ class FollowUps:
                 self.ended.add(rec_id)
                 steps.append({"id": rec_id, "turn": turn, "role": role, "content": text, "rejected": reason})
                 self.ctx.journal.append(
-                    REJECTED, [self.ctx.reject_record(self.stage, text[:2000], reason, turn, id=rec_id)]
+                    REJECTED,
+                    [self.ctx.reject_record(self.stage, head_and_tail(text), reason, turn, id=rec_id)],
                 )
                 continue
             messages.append({"role": role, "content": text})
@@ -635,7 +653,15 @@ def run_magpie(cfg: MagpieConfig, *, teacher: Teacher | None = None, console: Co
                     "top_p": cfg.query_top_p,
                     "max_tokens": cfg.query_max_tokens,
                 },
-                "answer": {"temperature": cfg.answer_temperature, "max_tokens": cfg.answer_max_tokens},
+                "answer": {
+                    "temperature": cfg.answer_temperature,
+                    "top_p": cfg.answer_top_p,
+                    "min_p": cfg.answer_min_p,
+                    "repetition_penalty": cfg.answer_repetition_penalty,
+                    "frequency_penalty": cfg.answer_frequency_penalty,
+                    "presence_penalty": cfg.answer_presence_penalty,
+                    "max_tokens": cfg.answer_max_tokens,
+                },
                 "followup_query": {  # one next message per conversation
                     "temperature": cfg.query_temperature,
                     "top_p": cfg.query_top_p,

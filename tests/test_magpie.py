@@ -203,6 +203,24 @@ def test_filters_truncated_repetitive_and_bad_answers(tmp_path: Path, chatml_dir
     assert [c["instruction"] for c in corpus] == [good[1]]
 
 
+def test_cut_off_answer_keeps_its_start_and_end_in_rejected(tmp_path: Path, chatml_dir: Path):
+    """rejected.jsonl keeps both ends of a long cut-off answer: the end shows whether it looped."""
+    long = "Gears trade force for speed. " + "Then it turns. " * 300 + "LAST WORDS"
+
+    def responder(request):
+        if request["prompt"] == "<|im_start|>user\n":
+            return ["Explain how a bicycle gear works."]
+        return Reply(text=[long], finish_reason="length")
+
+    with FakeOpenAI(responder) as server:
+        assert run_magpie(_cfg(server, tmp_path, chatml_dir, num_instructions=1, queries_per_request=1)) == 0
+    [rejected] = [r for r in read_jsonl(tmp_path / "rejected.jsonl") if r["stage"] == "answer"]
+    assert rejected["reason"] == "truncated_answer"
+    saved = rejected["meta"]["output"]
+    assert saved.startswith("Gears trade force for speed.") and saved.endswith("LAST WORDS")
+    assert len(saved) < 2100 < len(long)
+
+
 def test_queries_pass_the_heuristics_and_exact_rouge_novelty_of_generate(tmp_path: Path, chatml_dir: Path):
     """The same `[filters]` as generate: a too-short query and a near-copy of a kept one (ROUGE-L F above the
     threshold, not an exact repeat) are rejected with their reason and, for the copy, its nearest kept query."""
@@ -353,6 +371,40 @@ def test_cli_explicit_pre_query_is_sent_as_typed(tmp_path: Path, chatml_dir: Pat
     queries = [p for p in prompts if p.endswith("user\n")]
     assert queries and set(queries) == {wanted}
     assert len(list(read_jsonl(tmp_path / "corpus.jsonl"))) == 5
+
+
+def test_answers_default_to_a_frequency_penalty_and_flags_override_it(tmp_path: Path, chatml_dir: Path):
+    """Answers are greedy with frequency penalty 0.3 (a small model's greedy answers loop otherwise); every
+    `--answer-*` flag reaches the answer requests, and `--answer-frequency-penalty 0` is the reference's."""
+
+    def sent(out: Path, *flags: str) -> tuple[list[dict], list[dict]]:
+        with FakeOpenAI(MagpieResponder()) as server:
+            assert _cli(server, out, chatml_dir, "--num-instructions", "3", *flags) == 0
+            requests = [r.json for r in server.completions("/v1/completions") if r.json["max_tokens"] > 1]
+        answers = [r for r in requests if r["prompt"].endswith("<|im_start|>assistant\n")]
+        return [r for r in requests if r not in answers], answers
+
+    queries, answers = sent(tmp_path / "default")
+    assert len(answers) == 3 and all(a["frequency_penalty"] == 0.3 for a in answers)
+    assert all(a["temperature"] == 0.0 and a["top_p"] == 1.0 and a["max_tokens"] == 1024 for a in answers)
+    assert all(not {"presence_penalty", "repetition_penalty", "min_p"} & set(a) for a in answers)
+    assert queries and all("frequency_penalty" not in q for q in queries)  # queries keep the reference's
+
+    flags = ["--answer-temperature", "0.5", "--answer-top-p", "0.9", "--answer-frequency-penalty", "0.1"]
+    flags += [
+        "--answer-presence-penalty",
+        "0.2",
+        "--answer-repetition-penalty",
+        "1.3",
+        "--answer-min-p",
+        "0.05",
+    ]
+    _, answers = sent(tmp_path / "flags", *flags)
+    keys = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_p")
+    assert len(answers) == 3
+    assert all(tuple(a[k] for k in keys) == (0.5, 0.9, 0.1, 0.2, 1.3, 0.05) for a in answers)
+    _, answers = sent(tmp_path / "reference", "--answer-frequency-penalty", "0")
+    assert len(answers) == 3 and all("frequency_penalty" not in a for a in answers)
 
 
 def test_cli_refuses_chat_endpoints_with_one_line_exit_2(tmp_path: Path, chatml_dir: Path, capsys):

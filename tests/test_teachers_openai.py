@@ -58,11 +58,13 @@ def test_chat_and_completions_map_sampling_and_parse_answers(fake_openai: FakeOp
     async def main():
         teacher = await started(config(fake_openai.url), fake_openai)
         raw = TeacherRequest(
-            prompt="1. Sort a list\n2.", sampling=Sampling(max_tokens=7, stop=["\n\n", "16."])
+            prompt="1. Sort a list\n2.",
+            sampling=Sampling(max_tokens=7, stop=["\n\n", "16."], repetition_penalty=1.3),
         )
-        responses = await teacher.generate(
-            [chat("one", n=3, temperature=0.7, top_p=0.5, presence_penalty=2.0, seed=5, max_tokens=33), raw]
+        one = chat(
+            "one", n=3, temperature=0.7, top_p=0.5, presence_penalty=2.0, seed=5, max_tokens=33, min_p=0.1
         )
+        responses = await teacher.generate([one, raw])
         await teacher.close()
         return responses
 
@@ -84,8 +86,11 @@ def test_chat_and_completions_map_sampling_and_parse_answers(fake_openai: FakeOp
         "max_tokens": 33,
     }
     assert "frequency_penalty" not in sent_chat and "response_format" not in sent_chat
+    # vLLM's extensions travel in the body, and only when set (OpenAI itself refuses unknown fields)
+    assert sent_chat["min_p"] == 0.1 and "repetition_penalty" not in sent_chat
     sent_raw = fake_openai.completions("/v1/completions")[0].json
     assert sent_raw["prompt"] == "1. Sort a list\n2." and sent_raw["stop"] == ["\n\n", "16."]
+    assert sent_raw["repetition_penalty"] == 1.3 and "min_p" not in sent_raw
     assert sent_raw["max_tokens"] == 7
 
 

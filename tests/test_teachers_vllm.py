@@ -77,6 +77,22 @@ def test_in_process_seed_and_stop_map_to_vllm(vllm_teacher) -> None:
     assert a.choices[0].text.startswith(stopped.choices[0].text)
 
 
+def test_in_process_min_p_and_repetition_penalty_map_to_vllm(vllm_teacher) -> None:
+    prompt = "Write a poem about the sea."
+    greedy, top_only, penalised = asyncio.run(
+        vllm_teacher.generate(
+            [
+                chat(prompt, temperature=0.0, max_tokens=16),
+                # min_p 1.0 keeps only the most likely token: sampling at temperature 1 becomes greedy
+                chat(prompt, temperature=1.0, min_p=1.0, max_tokens=16, seed=3),
+                chat(prompt, temperature=0.0, repetition_penalty=3.0, max_tokens=16),
+            ]
+        )
+    )
+    assert top_only.choices[0].text == greedy.choices[0].text
+    assert penalised.choices[0].text != greedy.choices[0].text
+
+
 def test_in_process_rejected_prompt_fails_alone(vllm_teacher) -> None:
     too_long = TeacherRequest(prompt="word " * 6000, sampling=Sampling(max_tokens=4))
     ok = TeacherRequest(prompt="Hello", sampling=Sampling(max_tokens=4))

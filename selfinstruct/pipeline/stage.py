@@ -36,6 +36,16 @@ MAX_FAILURES_IN_A_ROW = 20
 RAW_TEXT_LIMIT = 2000
 """Characters of an unreadable or truncated completion kept in rejected.jsonl (enough to see what went wrong)."""
 
+
+def head_and_tail(text: str, limit: int = RAW_TEXT_LIMIT) -> str:
+    """`text` cut to about `limit` characters for rejected.jsonl, keeping both ends: the start says what the
+    answer was about, the end whether a cut-off one was looping or merely long."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[… {len(text) - 2 * half} characters left out …]\n{text[-half:]}"
+
+
 DECODING_KEYS = ("temperature", "top_p", "presence_penalty", "max_tokens")
 """The decoding settings a stage declares per preset and a user can override per stage."""
 

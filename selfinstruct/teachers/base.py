@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 @dataclass
 class Sampling:
-    """Decoding parameters; they map 1:1 onto the OpenAI API and onto vLLM's `SamplingParams`."""
+    """Decoding parameters; they map 1:1 onto vLLM's `SamplingParams` and (but for the two vLLM extensions
+    `repetition_penalty` and `min_p`) onto the OpenAI API."""
 
     n: int = 1
     temperature: float = 1.0
@@ -24,6 +25,12 @@ class Sampling:
     stop: list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    """vLLM's multiplicative penalty on every token already in the prompt or the text (1.0: off). Not an OpenAI
+    parameter: sent to an HTTP endpoint only when set, in the request body vLLM's server reads it from."""
+    min_p: float = 0.0
+    """Drop tokens less likely than `min_p` times the most likely one (0: off); vLLM-only, like
+    `repetition_penalty`."""
     seed: int | None = None
     json_schema: dict[str, Any] | None = None
     """When set (and the teacher has structured output enabled) the answer must match this JSON schema."""

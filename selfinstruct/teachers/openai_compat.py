@@ -69,6 +69,7 @@ BATCH_DISCOUNT = 0.5  # the Batch API bills half the synchronous price
 BATCH_WINDOW_H = 24  # the completion window a batch is created with: its answers come within this many hours
 BATCH_LABEL = "selfinstruct_batch"  # metadata key naming the run's batch, to find it again after a restart
 NO_KEY = "no-key"  # sent to local servers that need none; the SDK insists on some key
+VLLM_EXTENSIONS = ("repetition_penalty", "min_p")  # sampling fields vLLM's server takes beyond OpenAI's
 
 
 def is_local_url(url: str) -> bool:
@@ -489,6 +490,10 @@ class OpenAITeacher(Teacher):
             body["presence_penalty"] = s.presence_penalty
         if s.frequency_penalty:
             body["frequency_penalty"] = s.frequency_penalty
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        if s.min_p:
+            body["min_p"] = s.min_p
         if s.stop:
             body["stop"] = s.stop
         if s.seed is not None and self._send_seeds:
@@ -518,12 +523,16 @@ class OpenAITeacher(Teacher):
             args["timeout"] = timeout
         if request.marker is not None:
             args["extra_headers"] = {MARKER_HEADER: request.marker}
+        # Not in the client's signatures; vLLM's server reads them from the body. The legacy API lacks
+        # response_format too.
+        extra = [k for k in VLLM_EXTENSIONS if k in args]
+        if request.messages is None and "response_format" in args:
+            extra.append("response_format")
+        if extra:
+            args["extra_body"] = {k: args.pop(k) for k in extra}
         if request.messages is not None:
             out: Any = await ep.client.chat.completions.create(**args)
         else:
-            response_format = args.pop("response_format", None)
-            if response_format:  # not in the legacy API's signature; vLLM and others accept it
-                args["extra_body"] = {"response_format": response_format}
             out = await ep.client.completions.create(**args)
         return self._parse(out, request)
 

@@ -304,6 +304,8 @@ class VLLMTeacher(Teacher):
             stop=s.stop or None,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            min_p=s.min_p,
             seed=s.seed,
             logprobs=s.logprobs,
             structured_outputs=StructuredOutputsParams(json=s.json_schema) if structured else None,
