@@ -22,7 +22,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -325,3 +325,20 @@ def add_field(model: type[Section], name: str, annotation: Any, field: Any) -> N
 def optional(description: str, **kw: Any) -> Any:
     """A setting that is unset (None) unless given: the flag's help text says what unset means."""
     return Field(None, description=description, **kw)
+
+
+# The budget and prompt settings the teacher-driven commands share (`generate`, `evolve`, `magpie`, `converse`,
+# `prefs`): declared once, so their flags read and validate alike.
+MaxRequests = Annotated[
+    int | None, Field(ge=1, description="stop after this many teacher requests (whole run, all sessions)")
+]
+MaxTokens = Annotated[
+    int | None, Field(ge=1, description="stop after this many prompt + completion tokens (whole run)")
+]
+MaxCost = Annotated[
+    float | None, Field(gt=0, description="stop after this much estimated cost in USD (whole run)")
+]
+PromptDir = Annotated[
+    str | None,
+    Field(description="directory with prompt templates overriding the built-in ones (by file name)"),
+]

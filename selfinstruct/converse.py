@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from rich.console import Console
 
-from selfinstruct.config import Section, save_config
+from selfinstruct.config import MaxCost, MaxRequests, MaxTokens, PromptDir, Section, save_config
 from selfinstruct.corpus import corpus_path, load_corpus_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig, novelty_index
@@ -116,16 +116,10 @@ class ConverseConfig(Section):
     user_base_url: list[str] = Field(
         [], description="endpoint(s) of the user simulator's model (default: --base-url)"
     )
-    max_requests: int | None = Field(
-        None, ge=1, description="stop after this many teacher requests (whole run)"
-    )
-    max_tokens: int | None = Field(
-        None, ge=1, description="stop after this many prompt + completion tokens (whole run)"
-    )
-    max_cost: float | None = Field(None, gt=0, description="stop after this much estimated cost in USD")
-    prompt_dir: str | None = Field(
-        None, description="directory with prompt templates overriding the built-in ones (by file name)"
-    )
+    max_requests: MaxRequests = None
+    max_tokens: MaxTokens = None
+    max_cost: MaxCost = None
+    prompt_dir: PromptDir = None
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(
         default_factory=lambda: FilterConfig(min_words=2),

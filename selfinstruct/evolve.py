@@ -44,7 +44,7 @@ from rapidfuzz.distance import LCSseq
 from rich.console import Console
 from rich.text import Text
 
-from selfinstruct.config import Section, save_config
+from selfinstruct.config import MaxCost, MaxRequests, MaxTokens, PromptDir, Section, save_config
 from selfinstruct.corpus import load_alpaca, load_corpus_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import TOO_SIMILAR, FilterConfig, novelty_index
@@ -140,16 +140,10 @@ class EvolveConfig(Section):
     schema_max_chars: int | None = Field(
         None, ge=1, description="structured output: longest string allowed in the JSON rewrite (maxLength)"
     )
-    max_requests: int | None = Field(
-        None, ge=1, description="stop after this many teacher requests (whole run)"
-    )
-    max_tokens: int | None = Field(
-        None, ge=1, description="stop after this many prompt + completion tokens (whole run)"
-    )
-    max_cost: float | None = Field(None, gt=0, description="stop after this much estimated cost in USD")
-    prompt_dir: str | None = Field(
-        None, description="directory with prompt templates overriding the built-in ones (by file name)"
-    )
+    max_requests: MaxRequests = None
+    max_tokens: MaxTokens = None
+    max_cost: MaxCost = None
+    prompt_dir: PromptDir = None
     shard: ShardSpec = shard_field("lineages (input records, by root id) to evolve")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher LLM")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="heuristic and novelty filters")

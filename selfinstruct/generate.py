@@ -21,7 +21,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from selfinstruct.config import Section, add_field, optional, save_config
+from selfinstruct.config import (
+    MaxCost,
+    MaxRequests,
+    MaxTokens,
+    PromptDir,
+    Section,
+    add_field,
+    optional,
+    save_config,
+)
 from selfinstruct.corpus import load_tasks_any
 from selfinstruct.errors import UserError
 from selfinstruct.filters import FilterConfig
@@ -125,17 +134,13 @@ class GenerateConfig(_StageDecoding):
         "--no-instance-rules keeps them, as the reference Alpaca does",
     )
     # budget and stopping
-    max_requests: int | None = optional(
-        "stop after this many teacher requests (whole run, all sessions)", ge=1
-    )
-    max_tokens: int | None = optional("stop after this many prompt + completion tokens (whole run)", ge=1)
-    max_cost: float | None = optional("stop after this much estimated cost in USD (whole run)", gt=0)
+    max_requests: MaxRequests = None
+    max_tokens: MaxTokens = None
+    max_cost: MaxCost = None
     patience: int = Field(
         200, ge=1, description="stop growing after this many answers in a row without a kept instruction"
     )
-    prompt_dir: str | None = optional(
-        "directory with prompt templates overriding the built-in ones (by file name)"
-    )
+    prompt_dir: PromptDir = None
     shard: ShardSpec = shard_field(
         "work: seed tasks the bootstrap/alpaca prompts show, instructions classify/instances answer"
     )

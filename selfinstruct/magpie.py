@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import Field
 from rich.console import Console
 
-from selfinstruct.config import Section, save_config
+from selfinstruct.config import MaxCost, MaxRequests, MaxTokens, Section, save_config
 from selfinstruct.errors import InputFileError, UserError
 from selfinstruct.filters import FilterConfig
 from selfinstruct.filters.heuristics import Repetitive
@@ -121,11 +121,9 @@ class MagpieConfig(Section):
         description="prompts per teacher call (default: 1 over HTTP; --teacher vllm: a round sized to the target)",
     )
     seed: int = Field(0, description="random seed for system-prompt sampling and per-request teacher seeds")
-    max_requests: int | None = Field(
-        None, ge=1, description="stop after this many teacher requests (whole run)"
-    )
-    max_tokens: int | None = Field(None, ge=1, description="stop after this many prompt + completion tokens")
-    max_cost: float | None = Field(None, gt=0, description="stop after this much estimated cost in USD")
+    max_requests: MaxRequests = None
+    max_tokens: MaxTokens = None
+    max_cost: MaxCost = None
     patience: int = Field(
         200, ge=1, description="stop after this many query answers in a row without a kept instruction"
     )

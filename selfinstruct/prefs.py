@@ -49,7 +49,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 from rich.console import Console
 
-from selfinstruct.config import Section, save_config
+from selfinstruct.config import MaxCost, MaxTokens, PromptDir, Section, save_config
 from selfinstruct.errors import UserError
 from selfinstruct.evolve import load_input
 from selfinstruct.generate import Monitor, open_state
@@ -131,13 +131,9 @@ class PrefsConfig(Section):
     max_requests: int | None = Field(
         None, ge=1, description="stop after this many requests (policies + judge, whole run)"
     )
-    max_tokens: int | None = Field(
-        None, ge=1, description="stop after this many prompt + completion tokens (whole run)"
-    )
-    max_cost: float | None = Field(None, gt=0, description="stop after this much estimated cost in USD")
-    prompt_dir: str | None = Field(
-        None, description="directory with prompt templates overriding the built-in ones (by file name)"
-    )
+    max_tokens: MaxTokens = None
+    max_cost: MaxCost = None
+    prompt_dir: PromptDir = None
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge LLM")
 
 
