@@ -508,7 +508,6 @@ def resolve_defaults(cfg: TrainConfig, tokenizer: Any, cuda: bool, bf16_ok: bool
 def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     """Everything up to `trainer.train()`: returns (trainer, resolved config, #train, #eval examples)."""
     import torch
-    from datasets import Dataset
 
     cuda = torch.cuda.is_available()
     _check_options(cfg, cuda)
@@ -536,18 +535,9 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
         completion_only_loss=True,
         loss_type="nll",
     )
-    try:
-        trainer = SFTTrainer(
-            model=model_path,
-            args=args,
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            quantization_config=quantization,
-        )
-    except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
-        raise UserError(f"--model {cfg.model}: cannot load ({first_line(e)})") from None
+    trainer = _make_trainer(
+        SFTTrainer, cfg, model_path, args, tokenizer, train_rows, eval_rows, peft_config, quantization
+    )
     if cfg.packing:
         implementation = trainer.model.config._attn_implementation or "eager"
         if not _varlen_attention(implementation):
@@ -556,6 +546,36 @@ def build_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     if trainer.is_world_process_zero():
         print(f"training on {len(train_rows)} examples from {data_path} ({len(eval_rows)} held out for eval)")
     return trainer, cfg, len(train_rows), len(eval_rows)
+
+
+def _make_trainer(
+    trainer_cls: Any,
+    cfg: TrainConfig,
+    model_path: str,
+    args: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    peft_config: Any,
+    quantization: Any,
+    **extra: Any,
+) -> Any:
+    """An SFT or DPO trainer over the rows; weights that cannot load are the user's `--model` error."""
+    from datasets import Dataset
+
+    try:
+        return trainer_cls(
+            model=model_path,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            quantization_config=quantization,
+            **extra,
+        )
+    except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
+        raise UserError(f"--model {cfg.model}: cannot load ({first_line(e)})") from None
 
 
 def _trainer_args(
@@ -684,7 +704,6 @@ def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
     fine-tune, and with (Q)LoRA computes it with the adapter switched off (no second copy).
     """
     import torch
-    from datasets import Dataset
 
     cuda = torch.cuda.is_available()
     _check_options(cfg, cuda)
@@ -722,19 +741,18 @@ def build_dpo_trainer(cfg: TrainConfig) -> tuple[Any, TrainConfig, int, int]:
         **_trainer_args(cfg, bool(eval_rows), cuda, model_kwargs),
         beta=cfg.beta,
     )
-    try:
-        trainer = DPOTrainer(
-            model=model_path,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            quantization_config=quantization,
-        )
-    except (ImportError, OSError) as e:  # a missing kernel package, unreadable weights
-        raise UserError(f"--model {cfg.model}: cannot load ({first_line(e)})") from None
+    trainer = _make_trainer(
+        DPOTrainer,
+        cfg,
+        model_path,
+        args,
+        tokenizer,
+        train_rows,
+        eval_rows,
+        peft_config,
+        quantization,
+        ref_model=ref_model,
+    )
     _mirror_eos(trainer.model, tokenizer)
     n_train, n_eval = _kept_pairs(trainer, cfg, len(train_rows), len(eval_rows))
     if trainer.is_world_process_zero():
