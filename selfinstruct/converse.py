@@ -46,6 +46,7 @@ from selfinstruct.generate import Monitor, open_state
 from selfinstruct.pipeline import CORPUS, REJECTED, RunContext, StageStats, run_stage
 from selfinstruct.pipeline.runner import Budget, Journal, NeedsEveryAnswer
 from selfinstruct.pipeline.session import exit_code, teacher_session
+from selfinstruct.pipeline.stage import RAW_TEXT_LIMIT
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import CorpusRecord
 from selfinstruct.rundir import CONFIG, STATE, SUMMARY
@@ -402,7 +403,13 @@ class Talker(NeedsEveryAnswer):
         self, conv: Conversation, role: str, text: str, reason: str, nearest: tuple[str, float] | None
     ) -> None:
         rec = self.ctx.reject_record(
-            STAGE, text[:2000], reason, conv.turns + (role == "user"), nearest, id=conv.id, role=role
+            STAGE,
+            text[:RAW_TEXT_LIMIT],
+            reason,
+            conv.turns + (role == "user"),
+            nearest,
+            id=conv.id,
+            role=role,
         )
         self.rejected_out.append(rec)
         conv.failures += 1
@@ -420,7 +427,7 @@ class Talker(NeedsEveryAnswer):
         if conv.turns < self.min_turns:
             rec = self.ctx.reject_record(
                 STAGE,
-                conv.messages[0]["content"][:2000],
+                conv.messages[0]["content"][:RAW_TEXT_LIMIT],
                 TOO_FEW_TURNS,
                 conv.turns,
                 id=conv.id,

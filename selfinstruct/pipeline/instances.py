@@ -18,7 +18,14 @@ from typing import Any
 
 from selfinstruct.parsing import instances_schema, parse_instances, shown
 from selfinstruct.pipeline.classify import labelled_seeds
-from selfinstruct.pipeline.stage import PerInstruction, RunContext, Stage, TemplateVars, read_keyed
+from selfinstruct.pipeline.stage import (
+    RAW_TEXT_LIMIT,
+    PerInstruction,
+    RunContext,
+    Stage,
+    TemplateVars,
+    read_keyed,
+)
 from selfinstruct.prompts import Demo
 from selfinstruct.records import SeedTask
 from selfinstruct.rundir import CLASSIFICATION, INSTANCES, REJECTED, InstancesRecord
@@ -125,7 +132,7 @@ class Instances(PerInstruction):
         found = parse_instances(text, output_first, truncated=truncated).items[: self.ctx.cfg.max_instances]
         if not found:
             reject = self.ctx.reject_record(
-                self.stage, instruction, "unparseable", 0, id=rec_id, answer=text[:2000]
+                self.stage, instruction, "unparseable", 0, id=rec_id, answer=text[:RAW_TEXT_LIMIT]
             )
             self.ctx.journal.append(REJECTED, [reject])
         instances = [{"input": i.input, "output": i.output} for i in found]
