@@ -127,9 +127,8 @@ class StagePlan:
     completion_source: str
     seconds: float
     note: str = ""
-    batch_steps: int = (
-        0  # `--batch-api`: batches this stage sends one after another (each waits for the last)
-    )
+    # `--batch-api`: batches this stage sends one after another (each waits for the last)
+    batch_steps: int = 0
 
     def totals(self, prices: tuple[float, float], discount: float) -> dict[str, Any]:
         low_r, exp_r, high_r = self.requests
