@@ -21,7 +21,8 @@ from selfinstruct.teachers import TeacherConfig, make_teacher
 pytestmark = pytest.mark.vllm
 
 SEEDS = Path(__file__).resolve().parents[1] / "seeds" / "seed_tasks.jsonl"
-# Share of answers that parse, per stage. Measured 2026-12-03 with that day's prompts (6 + 5 instructions):
+# Share of answers that parse, per stage. Measured 2026-12-03 with that day's prompts (6 + 5 instructions; the
+# Alpaca run now asks for 10, as one CI run saw 2 of 7 answers parse: 7 is too few to judge a 0.75 rate):
 # bootstrap, classify and instances 1.0 (the schema is enforced), alpaca 0.75 (6 of 8); floors leave margin.
 PARSE_VALID_FLOOR = {"bootstrap": 0.8, "classify": 0.8, "instances": 0.8, "alpaca": 0.4}
 
@@ -64,7 +65,7 @@ def test_generate_on_a_real_vllm_server_with_default_flags(smollm2_server, tmp_p
 
     self_instruct = run(smollm2_server, tmp_path / "si", num_instructions=6)
     alpaca = run(
-        smollm2_server, tmp_path / "alpaca", pipeline="alpaca", num_instructions=5, alpaca_new_tasks=5
+        smollm2_server, tmp_path / "alpaca", pipeline="alpaca", num_instructions=10, alpaca_new_tasks=5
     )
     with urllib.request.urlopen(smollm2_server.url.removesuffix("/v1") + "/health", timeout=10) as health:
         assert health.status == 200  # the engine survived every request
